@@ -1,0 +1,118 @@
+"""Which frames a pass computes, which cache slots it writes and which slots each query frame sees.
+
+Torch-free: this is DESIGN.md section 2's table written as code. A session's self-attention cache has
+`window_frames` slots of one latent frame each: slots [0, sink_frames) hold the frame sink, the rest
+are a ring of recent frames (frame j lives in slot sink + (j - sink) mod (window - sink)). A block
+writes its frames into their ring slots, which evicts exactly the frames its queries must no longer
+see, so after the writes every occupied slot is visible: sink + last (window - sink - block)
+committed frames + the block itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import GenerationConfig
+
+EMPTY = -1
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """One forward pass of one session over the frames it (re)computes."""
+
+    query_frames: tuple[int, ...]  # latent frame indices computed by this pass, in order
+    query_positions: tuple[int, ...]  # their RoPE temporal positions
+    write_slots: tuple[int, ...]  # cache slot receiving each query frame's K/V
+    visible_slots: tuple[tuple[int, ...], ...]  # per query frame: the slots it attends to (after writes)
+    slot_positions: tuple[int, ...]  # per slot: RoPE position of the frame it holds (EMPTY if none)
+    slot_frames: tuple[int, ...]  # per slot: frame index held after the writes (EMPTY if none)
+
+    @property
+    def sees_everything(self) -> bool:
+        """True when every query frame sees every slot: the pass needs no attention mask."""
+        full = tuple(range(len(self.slot_frames)))
+        return all(v == full for v in self.visible_slots)
+
+
+class CacheLayout:
+    """Host-side map of one session's cache slots to latent frames; plans every pass it makes."""
+
+    def __init__(self, config: GenerationConfig, max_positions: int):
+        self.config = config
+        self.max_positions = max_positions  # absolute RoPE table size
+        self.slot_frames = [EMPTY] * config.window_frames
+        self.sink_start = 0  # first frame of the sink (moves only on a recache with global_sink off)
+
+    # -- slot arithmetic -------------------------------------------------------------------------
+    def slot_of(self, frame: int) -> int:
+        sink, window = self.config.sink_frames, self.config.window_frames
+        if self.sink_start <= frame < self.sink_start + sink:
+            return frame - self.sink_start
+        return sink + (frame - sink) % (window - sink)
+
+    def _position(self, frame: int, slot: int, end: int) -> int:
+        """RoPE position of `frame` (held in `slot`) for a pass whose newest frame is end - 1."""
+        if self.config.rope_mode == "absolute":
+            return frame
+        # Relative ('infinity'): the sink sits at 0..sink-1, the window follows consecutively.
+        if slot < self.config.sink_frames:
+            return slot
+        return frame - max(0, end - self.config.window_frames)
+
+    def _plan(self, frames: list[int], block_causal: bool) -> PassPlan:
+        end = frames[-1] + 1
+        if self.config.rope_mode == "absolute" and end > self.max_positions:
+            raise ValueError(
+                f"latent frame {end - 1} is beyond the {self.max_positions} positions of absolute RoPE; "
+                "use rope_mode='relative' for longer videos"
+            )
+        write_slots = tuple(self.slot_of(f) for f in frames)
+        for frame, slot in zip(frames, write_slots, strict=True):
+            self.slot_frames[slot] = frame
+        occupied = tuple(s for s, f in enumerate(self.slot_frames) if f != EMPTY)
+        if block_causal:
+            block = self.config.block_frames
+            visible = tuple(
+                tuple(s for s in occupied if self.slot_frames[s] // block <= q // block) for q in frames
+            )
+        else:
+            visible = tuple(occupied for _ in frames)
+        slot_positions = tuple(
+            EMPTY if f == EMPTY else self._position(f, s, end) for s, f in enumerate(self.slot_frames)
+        )
+        return PassPlan(
+            query_frames=tuple(frames),
+            query_positions=tuple(slot_positions[s] for s in write_slots),
+            write_slots=write_slots,
+            visible_slots=visible,
+            slot_positions=slot_positions,
+            slot_frames=tuple(self.slot_frames),
+        )
+
+    # -- the passes ------------------------------------------------------------------------------
+    def plan_block(self, start_frame: int) -> PassPlan:
+        """The denoising passes and the commit pass of the block starting at `start_frame`.
+
+        All of them write the block's slots and attend to sink + recent committed + the block.
+        """
+        frames = list(range(start_frame, start_frame + self.config.block_frames))
+        return self._plan(frames, block_causal=False)
+
+    def plan_recache(self, committed: int) -> PassPlan | None:
+        """The KV-recache pass after `committed` frames, under the new prompt (None: nothing to do)."""
+        cfg = self.config
+        if committed == 0 or cfg.recache == "off":
+            return None
+        window, sink = cfg.window_frames, cfg.sink_frames
+        if not cfg.global_sink:
+            # Drop everything; the first recached frames become the new sink.
+            start = max(0, committed - window)
+            self.slot_frames = [EMPTY] * window
+            self.sink_start = start
+        elif committed > window:
+            # Sink stays (first prompt); only the frames still in the window are recomputed.
+            start = committed - (window - sink)
+        else:
+            start = 0  # the sink is among the recomputed frames and takes the new prompt
+        return self._plan(list(range(start, committed)), block_causal=cfg.recache == "block_causal")

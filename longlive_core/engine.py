@@ -1,0 +1,197 @@
+"""The engine: many sessions, one block step at a time, batched into one forward per pass.
+
+step() = schedule -> execute -> update. The scheduler (torch-free) decides; the engine turns its
+plans into tensors and runs the model. No host syncs inside a step: every index, mask and position
+comes from host-side plans, never read back from the device.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from .cache_plan import PassPlan
+from .config import GenerationConfig
+from .kv_cache import KVCache
+from .models.transformer_causal_wan import (
+    CausalWanTransformer,
+    RopeTables,
+    SelfAttentionCache,
+    rope_tables,
+)
+from .noise import block_noise
+from .sampler import FlowMatchSampler
+from .scheduler import BlockWork, RecacheWork, Scheduler, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """Generates latent blocks for up to `max_sessions` concurrent sessions of one latent size.
+
+    latent_size: (height, width) of the latent frames (480x832 video -> 60x104).
+    """
+
+    def __init__(
+        self,
+        model: CausalWanTransformer,
+        config: GenerationConfig,
+        latent_size: tuple[int, int],
+        max_sessions: int = 1,
+    ):
+        self.model = model
+        self.config = config
+        self.sampler = FlowMatchSampler(config)
+        mc = model.config
+        self.grid = model.patch_grid(*latent_size)
+        self.latent_size = latent_size
+        self.tokens_per_frame = self.grid[0] * self.grid[1]
+        self.scheduler = Scheduler(config, max_sessions, mc.rope_max_positions)
+        self.cache = KVCache(mc, config, max_sessions, self.tokens_per_frame, model.device, model.dtype)
+        # Clean latents of each session's last `window_frames` frames (frame j at j % window): the
+        # input of a recache pass.
+        self.history = torch.zeros(
+            max_sessions, config.window_frames, mc.in_dim, *latent_size, device=model.device
+        )
+        self.prompts: dict[str, Tensor] = {}  # latest prompt embedding per session, padded
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add_session(
+        self, session_id: str, prompt_embeds: Tensor, seed: int = 0, num_blocks: int | None = None
+    ) -> None:
+        """Queue a session; it joins at the next step with a free slot."""
+        prompt = self._check_prompt(prompt_embeds)
+        self.scheduler.add_session(session_id, seed, num_blocks)
+        self.prompts[session_id] = prompt
+
+    def set_prompt(self, session_id: str, prompt_embeds: Tensor) -> None:
+        """New prompt for a session: applied by KV-recache before its next block."""
+        prompt = self._check_prompt(prompt_embeds)
+        self.scheduler.set_prompt(session_id)
+        self.prompts[session_id] = prompt
+
+    def remove_session(self, session_id: str) -> None:
+        self.scheduler.remove_session(session_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _check_prompt(self, prompt_embeds: Tensor) -> Tensor:
+        """[tokens, text_dim] or [1, tokens, text_dim] -> [1, text_len, text_dim], zero-padded."""
+        mc = self.model.config
+        if prompt_embeds.ndim == 3 and prompt_embeds.shape[0] == 1:
+            prompt_embeds = prompt_embeds[0]
+        if prompt_embeds.ndim != 2 or prompt_embeds.shape[1] != mc.text_dim:
+            raise ValueError(
+                f"prompt_embeds must have shape [tokens, {mc.text_dim}], got {tuple(prompt_embeds.shape)}"
+            )
+        tokens = prompt_embeds.shape[0]
+        if not 0 < tokens <= mc.text_len:
+            raise ValueError(f"prompt_embeds must have 1..{mc.text_len} tokens, got {tokens}")
+        padded = torch.zeros(1, mc.text_len, mc.text_dim, device=self.model.device, dtype=self.model.dtype)
+        padded[0, :tokens] = prompt_embeds.to(padded)
+        return padded
+
+    # -- the step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> dict[str, Tensor]:
+        """One block for every running session: {session_id: latents [C, block_frames, H, W] float32}."""
+        out = self.scheduler.schedule()
+        try:
+            blocks = self._execute(out)
+        except Exception:
+            logger.exception("engine step failed; scheduler output: %s", out)
+            raise
+        self.scheduler.update(out)
+        return blocks
+
+    def _execute(self, out: SchedulerOutput) -> dict[str, Tensor]:
+        # 1. Slot bookkeeping: compaction moves, freed sessions, new sessions' prompt context.
+        for move in out.moves:
+            self.cache.move_row(move.src, move.dst)
+            self.history[move.dst].copy_(self.history[move.src])
+        for session_id in out.finished_ids:
+            self.prompts.pop(session_id, None)
+        for new in out.new_sessions:
+            self.cache.set_context(new.slot, self.model.encode_context(self.prompts[new.session_id]))
+        # 2. Prompt switches: new cross-attention K/V, then the recache pass (one session at a time).
+        for work in out.recaches:
+            self._recache(work)
+        # 3. One block for every running session, batched over slots 0..k-1.
+        if not out.blocks:
+            return {}
+        return self._generate_blocks(out.blocks)
+
+    def _recache(self, work: RecacheWork) -> None:
+        self.cache.set_context(work.slot, self.model.encode_context(self.prompts[work.session_id]))
+        if work.plan is None:
+            return
+        rows = slice(work.slot, work.slot + 1)
+        frames = [f % self.config.window_frames for f in work.plan.query_frames]
+        latents = self.history[rows, frames].transpose(1, 2)  # [1, C, F, H, W]
+        timestep = torch.zeros(1, len(frames), device=self.model.device)
+        rope, cache = self._pass_inputs([work.plan], rows)
+        self.model(latents, timestep, self.cache.context(rows), rope, cache)
+
+    def _generate_blocks(self, blocks: list[BlockWork]) -> dict[str, Tensor]:
+        assert [w.slot for w in blocks] == list(range(len(blocks))), "running slots must be 0..k-1"
+        rows = slice(0, len(blocks))
+        block_frames = self.config.block_frames
+        shape = (self.model.config.in_dim, block_frames, *self.latent_size)
+        device = self.model.device
+
+        def noise(step: int) -> Tensor:
+            draws = [block_noise(w.seed, w.block_index, step, shape) for w in blocks]
+            return torch.stack(draws).to(device, non_blocking=True)
+
+        rope, cache = self._pass_inputs([w.plan for w in blocks], rows)
+        context = self.cache.context(rows)
+        timestep = torch.empty(len(blocks), block_frames, device=device)
+        # 1. Few-step denoising; every pass writes the block's current K/V into its slots.
+        x = noise(0)
+        for i, (t, sigma) in enumerate(zip(self.sampler.timesteps, self.sampler.sigmas, strict=True)):
+            flow = self.model(x, timestep.fill_(t), context, rope, cache)
+            x0 = self.sampler.predict_x0(x, flow, sigma)
+            if i + 1 < len(self.sampler):
+                x = self.sampler.renoise(x0, noise(i + 1), self.sampler.sigmas[i + 1])
+        # 2. Commit pass: the clean block at t=0 writes its final KV.
+        self.model(x0, timestep.fill_(0.0), context, rope, cache)
+        # 3. Keep the clean latents for a later recache.
+        for i, work in enumerate(blocks):
+            ring = [f % self.config.window_frames for f in work.plan.query_frames]
+            self.history[i, ring] = x0[i].transpose(0, 1)
+        return {w.session_id: x0[i] for i, w in enumerate(blocks)}
+
+    def _pass_inputs(self, plans: list[PassPlan], rows: slice) -> tuple[RopeTables, SelfAttentionCache]:
+        """Query RoPE tables and the cache view (write index, key mask, key RoPE) for a batch of plans."""
+        device = self.model.device
+        tokens = self.tokens_per_frame
+        window = self.config.window_frames
+        query_positions = torch.tensor([p.query_positions for p in plans], device=device)
+        rope = rope_tables(self.model.config, query_positions, self.grid, device)
+        # Flat token index into the rows' view [b * window * tokens]: (row, slot, token).
+        slot_index = torch.tensor(
+            [[b * window + s for s in p.write_slots] for b, p in enumerate(plans)], device=device
+        )
+        write_index = (slot_index[..., None] * tokens + torch.arange(tokens, device=device)).flatten()
+        key_mask = None
+        if not all(p.sees_everything for p in plans):
+            visible = torch.zeros(len(plans), len(plans[0].query_frames), window, dtype=torch.bool)
+            for b, p in enumerate(plans):
+                for q, slots in enumerate(p.visible_slots):
+                    visible[b, q, list(slots)] = True
+            if all(len(set(p.visible_slots)) == 1 for p in plans):
+                visible = visible[:, :1]  # the same keys for every query frame: broadcast
+            else:
+                visible = visible.repeat_interleave(tokens, 1)
+            key_mask = visible.repeat_interleave(tokens, 2)
+            key_mask = key_mask[:, None].to(device, non_blocking=True)
+        key_rope = None
+        if self.config.rope_mode == "relative":
+            slot_positions = torch.tensor(
+                [[max(pos, 0) for pos in p.slot_positions] for p in plans], device=device
+            )
+            key_rope = rope_tables(self.model.config, slot_positions, self.grid, device)
+        return rope, self.cache.self_attention(rows, write_index, key_mask, key_rope)

@@ -1,0 +1,1 @@
+"""Model definitions in the original Wan checkpoint layout."""

@@ -1,0 +1,170 @@
+"""Engine scheduler: which sessions join, recache, step and leave. Torch-free, tested on its own.
+
+Every engine step is one block for every running session. Running sessions occupy cache slots
+0..k-1 in order, so a step's batch is the slice [0, k) of the preallocated cache (views, no gather);
+when a session leaves, the one in the last slot moves into the hole.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .cache_plan import CacheLayout, PassPlan
+from .config import GenerationConfig
+
+
+@dataclass
+class SessionState:
+    session_id: str
+    seed: int
+    num_blocks: int | None  # stop after this many blocks; None: until removed
+    layout: CacheLayout
+    slot: int = -1
+    committed_frames: int = 0  # latent frames whose final KV is in the cache
+    blocks_done: int = 0
+    prompt_version: int = 0  # bumped by every set_prompt
+    applied_version: int = 0  # the version the cache was last built under
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class SlotMove:
+    """Copy slot `src` to slot `dst` before anything else runs (compaction)."""
+
+    session_id: str
+    src: int
+    dst: int
+
+
+@dataclass(frozen=True)
+class NewSession:
+    """A session that got a slot this step: load its prompt's cross-attention K/V there."""
+
+    session_id: str
+    slot: int
+
+
+@dataclass(frozen=True)
+class RecacheWork:
+    """A prompt switch applied before this step's block: new cross-attention K/V, then `plan`.
+
+    plan is None when there is nothing to recompute (no frames yet, or recache 'off').
+    """
+
+    session_id: str
+    slot: int
+    plan: PassPlan | None
+
+
+@dataclass(frozen=True)
+class BlockWork:
+    """One block of one session: its denoising passes and the commit pass all follow `plan`."""
+
+    session_id: str
+    slot: int
+    seed: int
+    block_index: int
+    plan: PassPlan
+
+
+@dataclass
+class SchedulerOutput:
+    moves: list[SlotMove] = field(default_factory=list)  # 1. compaction after departures
+    finished_ids: list[str] = field(default_factory=list)  # 2. left since last step: free their state
+    new_sessions: list[NewSession] = field(default_factory=list)  # 3. joined: load prompt context
+    recaches: list[RecacheWork] = field(default_factory=list)  # 4. prompt switches, one pass each
+    blocks: list[BlockWork] = field(default_factory=list)  # 5. one block each; slots 0..len-1 in order
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.moves or self.finished_ids or self.new_sessions or self.recaches or self.blocks)
+
+
+class Scheduler:
+    def __init__(self, config: GenerationConfig, max_sessions: int, max_positions: int):
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        self.config = config
+        self.max_sessions = max_sessions
+        self.max_positions = max_positions
+        self.sessions: dict[str, SessionState] = {}
+        self.waiting: deque[str] = deque()
+        self.running: list[str] = []  # index = slot
+        self._leaving: list[str] = []
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add_session(self, session_id: str, seed: int, num_blocks: int | None = None) -> None:
+        if session_id in self.sessions:
+            raise ValueError(f"session_id {session_id!r} already exists")
+        if num_blocks is not None and num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1 or None, got {num_blocks}")
+        layout = CacheLayout(self.config, self.max_positions)
+        self.sessions[session_id] = SessionState(session_id, seed, num_blocks, layout)
+        self.waiting.append(session_id)
+
+    def set_prompt(self, session_id: str) -> None:
+        """Note a new prompt; it takes effect at the session's next block boundary."""
+        self._get(session_id).prompt_version += 1
+
+    def remove_session(self, session_id: str) -> None:
+        state = self._get(session_id)
+        if not state.finished:
+            state.finished = True
+            self._leaving.append(session_id)
+
+    def _get(self, session_id: str) -> SessionState:
+        if session_id not in self.sessions:
+            raise KeyError(f"unknown session_id {session_id!r}")
+        return self.sessions[session_id]
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._leaving)
+
+    # -- the step --------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        # 1. Departures: free slots and keep the running sessions compact in slots 0..k-1.
+        for session_id in self._leaving:
+            state = self.sessions.pop(session_id)
+            out.finished_ids.append(session_id)
+            if session_id in self.waiting:
+                self.waiting.remove(session_id)
+                continue
+            hole = state.slot
+            last_id = self.running.pop()
+            if last_id != session_id:
+                self.running[hole] = last_id
+                self.sessions[last_id].slot = hole
+                out.moves.append(SlotMove(last_id, src=len(self.running), dst=hole))
+        self._leaving = []
+        # 2. Arrivals, first come first served, while slots are free.
+        while self.waiting and len(self.running) < self.max_sessions:
+            session_id = self.waiting.popleft()
+            state = self.sessions[session_id]
+            state.slot = len(self.running)
+            state.applied_version = state.prompt_version  # its first prompt needs no recache
+            self.running.append(session_id)
+            out.new_sessions.append(NewSession(session_id, state.slot))
+        # 3. Prompt switches, then one block for every running session.
+        for session_id in self.running:
+            state = self.sessions[session_id]
+            if state.prompt_version != state.applied_version:
+                state.applied_version = state.prompt_version
+                plan = state.layout.plan_recache(state.committed_frames)
+                out.recaches.append(RecacheWork(session_id, state.slot, plan))
+            plan = state.layout.plan_block(state.committed_frames)
+            out.blocks.append(BlockWork(session_id, state.slot, state.seed, state.blocks_done, plan))
+        return out
+
+    def update(self, out: SchedulerOutput) -> list[str]:
+        """Record the executed blocks; returns the sessions that just produced their last block."""
+        done = []
+        for work in out.blocks:
+            state = self.sessions[work.session_id]
+            state.committed_frames += self.config.block_frames
+            state.blocks_done += 1
+            if state.num_blocks is not None and state.blocks_done >= state.num_blocks:
+                self.remove_session(work.session_id)
+                done.append(work.session_id)
+        return done
