@@ -1,32 +1,36 @@
-"""longlive_core: the LongLive model, KV cache, sampler, scheduler and engine."""
+"""longlive_core: the LongLive model, KV cache, sampler, scheduler and engine.
 
-from .cache_plan import CacheLayout, PassPlan
-from .config import MODEL_PRESETS, GenerationConfig, ModelConfig
-from .engine import Engine
-from .kv_cache import KVCache
-from .models.key_mapping import diffusers_to_original, original_to_diffusers
-from .models.transformer_causal_wan import CausalWanTransformer, ContextKV, init_random_weights
-from .noise import block_noise
-from .sampler import FlowMatchSampler
-from .scheduler import Scheduler, SchedulerOutput
-from .session import GenerationSession
+Exports resolve lazily, so torch-free parts (`config`, `cache_plan`, `scheduler`) import without torch.
+"""
 
-__all__ = [
-    "MODEL_PRESETS",
-    "CacheLayout",
-    "CausalWanTransformer",
-    "ContextKV",
-    "Engine",
-    "FlowMatchSampler",
-    "GenerationConfig",
-    "GenerationSession",
-    "KVCache",
-    "ModelConfig",
-    "PassPlan",
-    "Scheduler",
-    "SchedulerOutput",
-    "block_noise",
-    "diffusers_to_original",
-    "init_random_weights",
-    "original_to_diffusers",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CacheLayout": "cache_plan",
+    "PassPlan": "cache_plan",
+    "GenerationConfig": "config",
+    "ModelConfig": "config",
+    "MODEL_PRESETS": "config",
+    "Engine": "engine",
+    "KVCache": "kv_cache",
+    "diffusers_to_original": "models.key_mapping",
+    "original_to_diffusers": "models.key_mapping",
+    "CausalWanTransformer": "models.transformer_causal_wan",
+    "ContextKV": "models.transformer_causal_wan",
+    "init_random_weights": "models.transformer_causal_wan",
+    "block_noise": "noise",
+    "FlowMatchSampler": "sampler",
+    "Scheduler": "scheduler",
+    "SchedulerOutput": "scheduler",
+    "GenerationSession": "session",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'longlive_core' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
