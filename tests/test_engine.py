@@ -119,3 +119,13 @@ def test_bad_prompt_embeddings_are_rejected(model, bad, match):
 def test_bad_latent_size_is_rejected(model):
     with pytest.raises(ValueError, match="divisible"):
         Engine(model, GenerationConfig(), (5, 6))
+
+
+def test_bfloat16_model_runs_and_stays_close_to_float32(model):
+    """The GPU dtype path on the CPU: bf16 weights and cache, float32 norms and sampler."""
+    cfg = GenerationConfig()
+    reference = _alone(model, cfg, [prompt(0), prompt(1)], seed=5, blocks=5, switch_before=4)
+    bf16 = tiny_model(seed=0).to(torch.bfloat16)
+    got = _alone(bf16, cfg, [prompt(0), prompt(1)], seed=5, blocks=5, switch_before=4)
+    assert all(torch.isfinite(b).all() for b in got)
+    assert max(rel_err(a, b) for a, b in zip(got, reference, strict=True)) < 0.05

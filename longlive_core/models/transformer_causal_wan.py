@@ -105,10 +105,12 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype (as Wan does)."""
+    """LayerNorm computed in float32 whatever the input and weight dtypes (as Wan does)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type_as(x)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 class SelfAttention(nn.Module):

@@ -1,0 +1,137 @@
+"""DiT-only speed of the Engine at full size (random weights) on one GPU.
+
+Prints one table and writes it, with card, torch version and command, to bench/results/<name>.md.
+Numbers: time per block in the steady state (window full), video frames per second (12 per block
+after the first), time of the first block, prompt-switch (recache) cost, peak GPU memory, and the
+same at several concurrent sessions.
+
+    python bench/bench_engine.py --sessions 1 2 4 --blocks 12 --out bench/results/engine_eager.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from longlive_core import CausalWanTransformer, Engine, GenerationConfig, ModelConfig  # noqa: E402
+
+VIDEO_FRAMES_PER_BLOCK = 12  # 3 latent frames x 4 (the first block gives 9)
+LATENT_SIZE = (60, 104)  # 480 x 832 video
+
+
+def build_model(preset: str, dtype: torch.dtype) -> CausalWanTransformer:
+    """Full-size model with random weights, built directly on the GPU (speed does not depend on values)."""
+    with torch.device("cuda"):
+        model = CausalWanTransformer(ModelConfig.from_name(preset))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and "modulation" not in name:
+                p.uniform_(-1, 1, generator=gen).mul_(p[0].numel() ** -0.5)
+            elif "modulation" in name or not name.endswith("weight"):
+                p.normal_(0, 0.1, generator=gen)
+            else:
+                p.fill_(1.0)
+    return model.to(dtype).eval()
+
+
+def timed(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000.0
+
+
+def run_sessions(model, cfg, sessions: int, blocks: int, text_len: int) -> dict[str, float]:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    engine = Engine(model, cfg, LATENT_SIZE, max_sessions=sessions)
+    prompts = [torch.randn(text_len, model.config.text_dim, device="cuda") for _ in range(2)]
+    prompt = prompts[0]
+    for i in range(sessions):
+        engine.add_session(f"s{i}", prompt, seed=i)
+    first = timed(engine.step)
+    steady = []
+    for _ in range(blocks):
+        steady.append(timed(engine.step))
+    steady = steady[4:]  # the window fills after 4 blocks; later blocks all have the same cost
+    block_s = statistics.median(steady)
+    switches = []
+    for k in range(4):  # the first switch warms up the recache shapes; median of the other three
+        engine.set_prompt("s0", prompts[(k + 1) % 2])
+        switches.append(timed(engine.step) - block_s)
+    peak = torch.cuda.max_memory_allocated()
+    return {
+        "sessions": sessions,
+        "first_block_ms": first * 1e3,
+        "block_ms": block_s * 1e3,
+        "fps_per_session": VIDEO_FRAMES_PER_BLOCK / block_s,
+        "fps_total": sessions * VIDEO_FRAMES_PER_BLOCK / block_s,
+        "recache_ms": statistics.median(switches[1:]) * 1e3,
+        "peak_gib": peak / 2**30,
+        "cache_gib": engine.cache.nbytes / 2**30,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="wan2.1-t2v-1.3b")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--blocks", type=int, default=12)
+    parser.add_argument("--text-len", type=int, default=40, help="real prompt tokens (padded to 512)")
+    parser.add_argument("--rope-mode", default="absolute", choices=["absolute", "relative"])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = build_model(args.preset, torch.bfloat16)
+    weights_gib = torch.cuda.memory_allocated() / 2**30
+    cfg = GenerationConfig(rope_mode=args.rope_mode)
+    rows = []
+    for n in args.sessions:
+        t0 = time.perf_counter()
+        rows.append(run_sessions(model, cfg, n, args.blocks, args.text_len))
+        print(f"# {n} session(s) done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    columns = [
+        ("sessions", "sessions", "{}"),
+        ("block (ms)", "block_ms", "{:.1f}"),
+        ("FPS / session", "fps_per_session", "{:.1f}"),
+        ("FPS total", "fps_total", "{:.1f}"),
+        ("first block, cold (ms)", "first_block_ms", "{:.1f}"),
+        ("recache (ms)", "recache_ms", "{:.1f}"),
+        ("peak GPU memory (GiB)", "peak_gib", "{:.2f}"),
+        ("KV cache (GiB)", "cache_gib", "{:.2f}"),
+    ]
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt.format(r[key]) for _, key, fmt in columns) + " |")
+    meta = [
+        f"- card: {torch.cuda.get_device_name()}",
+        f"- torch: {torch.__version__}, bf16, eager (no compile, no CUDA graphs), SDPA default backend",
+        f"- model: {args.preset}, random weights ({weights_gib:.2f} GiB), latent {LATENT_SIZE},"
+        f" rope {args.rope_mode}",
+        f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- block = median over blocks 5..{args.blocks} (window full: every later block costs the same);"
+        " recache = step with a switch minus a block (median of 3, after one warm-up switch);"
+        " peak = weights + KV cache + activations",
+    ]
+    report = "\n".join(["# Engine DiT-only speed", "", *meta, "", *lines, ""])
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
