@@ -26,6 +26,15 @@ _EXPORTS = {
     "Scheduler": "scheduler",
     "SchedulerOutput": "scheduler",
     "GenerationSession": "session",
+    "LongLivePipeline": "pipeline",
+    "PromptChange": "schedule",
+    "TextEncoder": "text_encoder",
+    "WanVAEDecoder": "models.vae_wan",
+    "TinyVideoDecoder": "models.tae_wan",
+    "MissingWeightsError": "weights",
+    "resolve_model_files": "weights",
+    "load_transformer": "weights",
+    "merge_lora": "lora",
 }
 __all__ = sorted(_EXPORTS)
 

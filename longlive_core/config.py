@@ -60,7 +60,7 @@ class ModelConfig:
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "wan2.1-t2v-1.3b": {},
     # A few layers and a small width: CPU-fast, same structure (RoPE split, per-frame modulation).
-    "tiny": dict(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, text_len=16, num_heads=4, num_layers=2),
+    "tiny": dict(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, text_len=128, num_heads=4, num_layers=2),
 }
 
 

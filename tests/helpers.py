@@ -13,11 +13,11 @@ def tiny_model(seed: int = 0) -> CausalWanTransformer:
     return init_random_weights(CausalWanTransformer(ModelConfig.from_name("tiny")), seed=seed).eval()
 
 
-def prompt(seed: int, tokens: int = 6, dim: int = 32) -> torch.Tensor:
+def prompt(seed: int, tokens: int = 64, dim: int = 32) -> torch.Tensor:
     return torch.randn(tokens, dim, generator=torch.Generator().manual_seed(1000 + seed))
 
 
-def padded_prompt(seed: int, text_len: int = 16, tokens: int = 6, dim: int = 32) -> torch.Tensor:
+def padded_prompt(seed: int, text_len: int = 128, tokens: int = 64, dim: int = 32) -> torch.Tensor:
     """The prompt zero-padded to text_len, batch of one: [1, text_len, dim]."""
     out = torch.zeros(1, text_len, dim)
     out[0, :tokens] = prompt(seed, tokens, dim)

@@ -106,7 +106,7 @@ def test_absolute_rope_beyond_1024_frames_is_a_clear_error(model):
     "bad, match",
     [
         (torch.randn(6, 31), "prompt_embeds"),
-        (torch.randn(17, 32), "tokens"),
+        (torch.randn(129, 32), "tokens"),
         (torch.randn(0, 32), "tokens"),
     ],
 )

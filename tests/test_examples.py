@@ -22,3 +22,11 @@ def test_stream_latents_example_switches_prompt_and_reports_every_block():
     assert [line.split("prompt")[1].split()[0] for line in blocks] == ["0", "0", "0", "1", "1"]
     assert "latent frames   15" in blocks[-1]
     assert out[-1].startswith("5 blocks in")
+
+
+def test_readme_schedule_is_valid():
+    from longlive_core.schedule import load_schedule, validate_schedule
+
+    entries, where = load_schedule(ROOT / "examples" / "story.yaml")
+    validate_schedule(entries, 6, where)
+    assert len(entries) == 3

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import WanTransformer3DModel
 
 from longlive_core.models.key_mapping import diffusers_to_original, original_to_diffusers
 from longlive_core.models.transformer_causal_wan import rope_tables
+from tests.checkpoints import diffusers_transformer
 from tests.helpers import padded_prompt, rel_err, tiny_model
 
 TOL = 1e-5
@@ -16,23 +16,7 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def models():
     ours = tiny_model(seed=0)
-    c = ours.config
-    ref = WanTransformer3DModel(
-        patch_size=c.patch_size,
-        num_attention_heads=c.num_heads,
-        attention_head_dim=c.head_dim,
-        in_channels=c.in_dim,
-        out_channels=c.out_dim,
-        text_dim=c.text_dim,
-        freq_dim=c.freq_dim,
-        ffn_dim=c.ffn_dim,
-        num_layers=c.num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=c.eps,
-        rope_max_seq_len=c.rope_max_positions,
-    ).eval()
-    ref.load_state_dict(original_to_diffusers(ours.state_dict()), strict=True)
+    ref = diffusers_transformer(ours)
     return ours, ref
 
 
