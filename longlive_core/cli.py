@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=parse_size, default=None, help="WIDTHxHEIGHT (default 832x480; tiny 112x64)"
     )
     gen.add_argument("--decoder", choices=["wan", "tae"], default="wan", help="Wan VAE or the tiny TAEW2_1")
+    gen.add_argument(
+        "--compile", action="store_true", help="torch.compile the DiT blocks (GPU: ~1.7x faster)"
+    )
     gen.add_argument("-o", "--output", type=Path, default=Path("longlive.mp4"))
 
     dl = sub.add_parser("download", help="fetch and verify a model's weights into the local cache")
@@ -95,13 +98,17 @@ def generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from .config import RuntimeConfig
     from .pipeline import LongLivePipeline, check_size
     from .video_io import Mp4Writer
 
     if args.size is not None:
         check_size(args.size)
     torch.manual_seed(args.seed)
-    pipe = LongLivePipeline.from_pretrained(args.model, device=args.device, decoder=args.decoder)
+    runtime = RuntimeConfig(compile=args.compile)
+    pipe = LongLivePipeline.from_pretrained(
+        args.model, device=args.device, decoder=args.decoder, runtime=runtime
+    )
     stream = pipe.stream(schedule=entries, seconds=seconds, seed=args.seed, size=args.size)
     width, height = pipe.check_size(args.size)
     writer = Mp4Writer(args.output, width, height, fps=FPS)

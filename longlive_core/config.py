@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 RopeMode = Literal["absolute", "relative"]
 RecacheMode = Literal["unmasked", "block_causal", "off"]
+AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
 
 
 @dataclass(frozen=True)
@@ -118,3 +119,17 @@ class GenerationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the engine runs (never what it computes): kernels and compilation."""
+
+    attention: AttentionBackend = "auto"  # auto: cuDNN, then flash, efficient, math (the best first)
+    compile: bool = False  # torch.compile each transformer block (fuses norms, modulation, RoPE)
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("auto", "cudnn", "flash", "efficient", "math"):
+            raise ValueError(
+                f"attention must be one of auto, cudnn, flash, efficient, math; got {self.attention!r}"
+            )

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .cache_plan import PassPlan
-from .config import GenerationConfig
+from .config import GenerationConfig, RuntimeConfig
 from .kv_cache import KVCache
 from .models.transformer_causal_wan import (
     CausalWanTransformer,
@@ -22,6 +22,7 @@ from .models.transformer_causal_wan import (
     rope_tables,
 )
 from .noise import block_noise
+from .runtime import attention_backend, prepare
 from .sampler import FlowMatchSampler
 from .scheduler import BlockWork, RecacheWork, Scheduler, SchedulerOutput
 
@@ -40,8 +41,10 @@ class Engine:
         config: GenerationConfig,
         latent_size: tuple[int, int],
         max_sessions: int = 1,
+        runtime: RuntimeConfig | None = None,
     ):
-        self.model = model
+        self.runtime = runtime or RuntimeConfig()
+        self.model = prepare(model, self.runtime)
         self.config = config
         self.sampler = FlowMatchSampler(config)
         mc = model.config
@@ -100,7 +103,8 @@ class Engine:
         """One block for every running session: {session_id: latents [C, block_frames, H, W] float32}."""
         out = self.scheduler.schedule()
         try:
-            blocks = self._execute(out)
+            with attention_backend(self.runtime):
+                blocks = self._execute(out)
         except Exception:
             logger.exception("engine step failed; scheduler output: %s", out)
             raise
@@ -176,8 +180,13 @@ class Engine:
             [[b * window + s for s in p.write_slots] for b, p in enumerate(plans)], device=device
         )
         write_index = (slot_index[..., None] * tokens + torch.arange(tokens, device=device)).flatten()
-        key_mask = None
-        if not all(p.sees_everything for p in plans):
+        # Keys: while the window fills, the occupied slots are a prefix 0..m-1 of the cache; attend
+        # to that prefix (a view) and no mask is needed. Otherwise mask per row / query frame.
+        prefix = tuple(range(len(plans[0].visible_slots[0])))
+        if all(v == prefix for p in plans for v in p.visible_slots):
+            key_slots, key_mask = len(prefix), None
+        else:
+            key_slots = window
             visible = torch.zeros(len(plans), len(plans[0].query_frames), window, dtype=torch.bool)
             for b, p in enumerate(plans):
                 for q, slots in enumerate(p.visible_slots):
@@ -186,12 +195,12 @@ class Engine:
                 visible = visible[:, :1]  # the same keys for every query frame: broadcast
             else:
                 visible = visible.repeat_interleave(tokens, 1)
-            key_mask = visible.repeat_interleave(tokens, 2)
-            key_mask = key_mask[:, None].to(device, non_blocking=True)
+            key_mask = visible.repeat_interleave(tokens, 2)[:, None].to(device, non_blocking=True)
         key_rope = None
         if self.config.rope_mode == "relative":
             slot_positions = torch.tensor(
-                [[max(pos, 0) for pos in p.slot_positions] for p in plans], device=device
+                [[max(pos, 0) for pos in p.slot_positions[:key_slots]] for p in plans], device=device
             )
             key_rope = rope_tables(self.model.config, slot_positions, self.grid, device)
-        return rope, self.cache.self_attention(rows, write_index, key_mask, key_rope)
+        key_len = key_slots * tokens
+        return rope, self.cache.self_attention(rows, write_index, key_len, key_mask, key_rope)

@@ -46,13 +46,19 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def self_attention(
-        self, rows: slice, write_index: Tensor, key_mask: Tensor | None, key_rope: RopeTables | None
+        self,
+        rows: slice,
+        write_index: Tensor,
+        key_len: int,
+        key_mask: Tensor | None,
+        key_rope: RopeTables | None,
     ) -> SelfAttentionCache:
         """A pass's view of the cache rows `rows` (a slice: views, never copies)."""
         return SelfAttentionCache(
             keys=[k[rows] for k in self.keys],
             values=[v[rows] for v in self.values],
             write_index=write_index,
+            key_len=key_len,
             key_mask=key_mask,
             key_rope=key_rope,
         )

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import GenerationConfig, ModelConfig
+from .config import GenerationConfig, ModelConfig, RuntimeConfig
 from .models.transformer_causal_wan import CausalWanTransformer, init_random_weights
 from .schedule import PromptChange, blocks_for_seconds, switch_block, validate_schedule, video_frames
 from .session import GenerationSession
@@ -72,6 +72,7 @@ class VideoStream:
             (height // VAE_STRIDE, width // VAE_STRIDE),
             pipe.text_encoder.encode(plan.switches[0]),
             seed=seed,
+            runtime=pipe.runtime,
         )
         self.decoder_stream = pipe.vae.new_stream()
         self.blocks_done = 0
@@ -110,7 +111,9 @@ class LongLivePipeline:
         vae: nn.Module,
         generation_config: GenerationConfig | None = None,
         default_size: tuple[int, int] = REAL_MODEL_SIZE,
+        runtime: RuntimeConfig | None = None,
     ):
+        self.runtime = runtime or RuntimeConfig()
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.vae = vae
@@ -129,6 +132,7 @@ class LongLivePipeline:
         dtype: torch.dtype | None = None,
         decoder: Decoder = "wan",
         generation_config: GenerationConfig | None = None,
+        runtime: RuntimeConfig | None = None,
     ) -> LongLivePipeline:
         """`tiny-random` (built in), a model name (`longlive-1.3b`), a local directory or a hub repo id.
 
@@ -157,6 +161,7 @@ class LongLivePipeline:
             vae.to(device, dtype).eval(),
             generation_config,
             default_size,
+            runtime,
         )
 
     # -- requests ----------------------------------------------------------------------------------

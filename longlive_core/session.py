@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .config import GenerationConfig
+from .config import GenerationConfig, RuntimeConfig
 from .engine import Engine
 from .models.transformer_causal_wan import CausalWanTransformer
 
@@ -21,8 +21,9 @@ class GenerationSession:
         latent_size: tuple[int, int],
         prompt_embeds: Tensor,
         seed: int = 0,
+        runtime: RuntimeConfig | None = None,
     ):
-        self.engine = Engine(model, config, latent_size, max_sessions=1)
+        self.engine = Engine(model, config, latent_size, max_sessions=1, runtime=runtime)
         self.engine.add_session(self.SESSION_ID, prompt_embeds, seed=seed)
         self.blocks_done = 0
 

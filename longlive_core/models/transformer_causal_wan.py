@@ -41,7 +41,8 @@ class SelfAttentionCache:
     keys: list[Tensor]
     values: list[Tensor]
     write_index: Tensor  # [b * query_tokens] long: flat index into keys[i].view(-1, H, D) per query token
-    key_mask: Tensor | None  # bool [b, 1, 1 or query_tokens, cache_tokens]; None: every cached token visible
+    key_len: int  # attend to the first key_len cached tokens (a view: the cache fills slots in order)
+    key_mask: Tensor | None  # bool [b, 1, 1 or query_tokens, key_len]; None: all key_len tokens visible
     key_rope: RopeTables | None  # relative mode: tables for the cached keys (stored un-rotated); else None
 
 
@@ -150,7 +151,7 @@ class SelfAttention(nn.Module):
                 k = apply_rope(k, rope)
             cache_keys.view(-1, *k.shape[2:]).index_copy_(0, plan.write_index, k.flatten(0, 1))
             cache_values.view(-1, *v.shape[2:]).index_copy_(0, plan.write_index, v.flatten(0, 1))
-            k, v = cache_keys, cache_values
+            k, v = cache_keys[:, : plan.key_len], cache_values[:, : plan.key_len]
             if plan.key_rope is not None:
                 k = apply_rope(k, plan.key_rope)
             mask = plan.key_mask
