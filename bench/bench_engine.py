@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longlive_core import CausalWanTransformer, Engine, GenerationConfig, ModelConfig  # noqa: E402
+from longlive_core.config import RuntimeConfig  # noqa: E402
 
 VIDEO_FRAMES_PER_BLOCK = 12  # 3 latent frames x 4 (the first block gives 9)
 LATENT_SIZE = (60, 104)  # 480 x 832 video
@@ -52,10 +53,12 @@ def timed(fn) -> float:
     return start.elapsed_time(end) / 1000.0
 
 
-def run_sessions(model, cfg, sessions: int, blocks: int, text_len: int) -> dict[str, float]:
+def run_sessions(
+    model, cfg, sessions: int, blocks: int, text_len: int, runtime: RuntimeConfig
+) -> dict[str, float]:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    engine = Engine(model, cfg, LATENT_SIZE, max_sessions=sessions)
+    engine = Engine(model, cfg, LATENT_SIZE, max_sessions=sessions, runtime=runtime)
     prompts = [torch.randn(text_len, model.config.text_dim, device="cuda") for _ in range(2)]
     prompt = prompts[0]
     for i in range(sessions):
@@ -90,17 +93,19 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--text-len", type=int, default=40, help="real prompt tokens (padded to 512)")
     parser.add_argument("--rope-mode", default="absolute", choices=["absolute", "relative"])
+    parser.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash", "efficient"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    torch.backends.cuda.matmul.allow_tf32 = True
+    runtime = RuntimeConfig(attention=args.attention, compile=args.compile)
     model = build_model(args.preset, torch.bfloat16)
     weights_gib = torch.cuda.memory_allocated() / 2**30
     cfg = GenerationConfig(rope_mode=args.rope_mode)
     rows = []
     for n in args.sessions:
         t0 = time.perf_counter()
-        rows.append(run_sessions(model, cfg, n, args.blocks, args.text_len))
+        rows.append(run_sessions(model, cfg, n, args.blocks, args.text_len, runtime))
         print(f"# {n} session(s) done in {time.perf_counter() - t0:.1f} s", flush=True)
 
     columns = [
@@ -118,7 +123,8 @@ def main() -> None:
         lines.append("| " + " | ".join(fmt.format(r[key]) for _, key, fmt in columns) + " |")
     meta = [
         f"- card: {torch.cuda.get_device_name()}",
-        f"- torch: {torch.__version__}, bf16, eager (no compile, no CUDA graphs), SDPA default backend",
+        f"- torch: {torch.__version__}, bf16, attention {args.attention},"
+        f" {'compiled blocks' if args.compile else 'eager'}, no CUDA graphs",
         f"- model: {args.preset}, random weights ({weights_gib:.2f} GiB), latent {LATENT_SIZE},"
         f" rope {args.rope_mode}",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",

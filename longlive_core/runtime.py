@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import RuntimeConfig
@@ -31,7 +32,12 @@ def attention_backend(runtime: RuntimeConfig) -> Iterator[None]:
 
 
 def compile_blocks(model: CausalWanTransformer) -> CausalWanTransformer:
-    """Compile each transformer block in place (all blocks share one compiled graph per shape)."""
+    """Compile each transformer block in place (all blocks share one compiled graph per shape).
+
+    Shapes are static: one graph per batch size x key length (window filling, full, recache), a
+    few dozen at most, so the recompile limit is raised above that.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
     for block in model.blocks:
         block.compile(fullgraph=True, dynamic=False)
     return model

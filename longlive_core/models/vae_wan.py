@@ -1,11 +1,24 @@
 """Wan2.1 VAE decoder (latents -> RGB video) in the original `Wan2.1_VAE.pth` key layout, streamable.
 
 Only the decoding half of the VAE: the post-quant conv `conv2` and the `decoder`. The decoder is causal in
-time and, as in Wan, runs one latent frame at a time. Every temporal conv keeps its last two input frames
-in a `FrameCache`, so decoding a video block by block (`new_stream().decode(block)`) gives the frames of
-decoding it whole, with a cache whose size does not depend on the video's length.
+time. Every temporal conv keeps its last two input frames in a `FrameCache`, so decoding a video block by
+block (`new_stream().decode(block)`) gives the frames of decoding it whole, with a cache whose size does not
+depend on the video's length. Each call runs all its latent frames through each layer at once (Wan runs
+one latent frame at a time; the result is the same, the convolutions get more frames per launch).
 
 Sizes: latent frame 0 -> 1 video frame, every later latent frame -> 4 (temporal_scale); 8x in h and w.
+
+Memory traffic (Wan2.1 at 480x832, bf16, a steady block of 3 latent frames = 12 video frames). Per video
+frame an activation is 76.7 MB at 480x832 x 96 channels and 38.3 MB at 240x416 x 192; the 12-frame
+stages hold 7 + 6 temporal 3x3x3 convs. A conv fed by `cat([cache, x])` reads and writes 14 frames:
+2.15 GB per conv at 480x832, ~24 GB per block over all convs. Here the norm + SiLU that feeds each conv
+writes straight into a buffer after the conv's two cached frames, so a conv costs 2 frames in and 2 out
+(0.3 GB at 480x832, ~3.6 GB per block). Norm + SiLU themselves move ~18 bytes per element (bf16 in,
+float32 maths, bf16 out) instead of ~44 (upcast copy, normalise, two scalings, downcast, SiLU): ~90 GB
+per block instead of ~220 GB over the ~5 G elements normed. Spatial padding is the convs' own (no F.pad),
+and 2x upsampling runs in the activation dtype on the 5D tensor (no float32 round trip, no frame folding).
+`to_channels_last()` keeps every activation channels-last (NDHWC) end to end; `compile_block()` fuses the
+remaining element-wise work.
 """
 
 from __future__ import annotations
@@ -108,12 +121,30 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The layout new activations take after `x`: channels-last when x's channels are its innermost dim."""
+    return torch.channels_last_3d if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
+
+
+def _store(cache: FrameCache, key: str, frames: Tensor) -> None:
+    """Keep `frames` (a view into a larger input) as `key`'s history: written in place into the cached
+    tensor when it has the same shape, so the cache is allocated once per stream."""
+    past = cache.get(key)
+    if past is not None and past.shape == frames.shape and past.dtype == frames.dtype:
+        past.copy_(frames)
+    else:
+        cache[key] = frames.clone()
+
+
 class CausalConv3d(nn.Conv3d):
     """3D conv that is causal in time: output frame t sees input frames t - k_t + 1 .. t.
 
     The k_t - 1 frames before a call's first frame come from `cache` (zeros at the start of a video, as
     Wan's zero padding); the call's last k_t - 1 input frames are stored back for the next call. Without
-    a cache the call is a whole clip. Spatial padding keeps h and w.
+    a cache the call is a whole clip. The conv pads h and w itself, and never in time.
+
+    `forward(x, cache)` copies x after the history. To skip that copy, the layer producing the input writes
+    it into `padded_input(...)[:, :, history:]` and calls `forward_padded`.
     """
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size: int | tuple[int, int, int]):
@@ -122,17 +153,36 @@ class CausalConv3d(nn.Conv3d):
         self.history = kernel[0] - 1
         self.cache_key = ""  # its module name, set by WanVAEDecoder
 
+    def padded_input(self, like: Tensor, dtype: torch.dtype, cache: FrameCache | None) -> Tensor:
+        """[b, c_in, history + t, h, w] for an input shaped like `like` ([b, c_in, t, h, w], same device and
+        layout): the cached frames first (zeros at the start of a video), the t new frames left unset."""
+        b, c, t, h, w = like.shape
+        buf = torch.empty(
+            (b, c, self.history + t, h, w),
+            dtype=dtype,
+            device=like.device,
+            memory_format=_memory_format(like),
+        )
+        past = cache.get(self.cache_key) if cache is not None else None
+        if past is None:
+            buf[:, :, : self.history].zero_()
+        else:
+            buf[:, :, : self.history].copy_(past)
+        return buf
+
+    def forward_padded(self, padded: Tensor, cache: FrameCache | None) -> Tensor:
+        # padded: [b, c_in, history + t, h, w] from padded_input -> [b, c_out, t, h, w]
+        if cache is not None and self.history:
+            _store(cache, self.cache_key, padded[:, :, -self.history :])
+        return super().forward(padded)
+
     def forward(self, x: Tensor, cache: FrameCache | None = None) -> Tensor:
         # x: [b, c_in, t, h, w] -> [b, c_out, t, h, w]
-        if self.history:
-            past = cache.get(self.cache_key) if cache is not None else None
-            if past is None:
-                past = x.new_zeros(*x.shape[:2], self.history, *x.shape[3:])
-            x = torch.cat([past, x], dim=2)
-            if cache is not None:
-                # A copy, so the concatenated input is freed: the cache holds only k_t - 1 frames.
-                cache[self.cache_key] = x[:, :, -self.history :].clone()
-        return super().forward(x)
+        if not self.history:
+            return super().forward(x)
+        padded = self.padded_input(x, x.dtype, cache)
+        padded[:, :, self.history :].copy_(x)
+        return self.forward_padded(padded, cache)
 
 
 class RMSNorm(nn.Module):
@@ -144,9 +194,26 @@ class RMSNorm(nn.Module):
         # [C, 1, 1, 1] for video tensors, [C, 1, 1] for images: the shapes stored in the checkpoint.
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
 
+    def _normalised(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """x / ||x|| * (sqrt(C) gamma), computed in float32 at least from x in any dtype without an upcast
+        copy; the last multiplication writes into `out` (any dtype and strides) when given."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        # As F.normalize (eps 1e-12); on CUDA the norm reads bf16 and accumulates in float32.
+        denom = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=dtype).clamp_min_(1e-12)
+        gamma = self.gamma.view(-1, *([1] * (x.ndim - 2))).to(dtype) * self.scale  # [C, 1, ...], tiny
+        y = torch.div(x, denom)
+        return y.mul_(gamma) if out is None else torch.mul(y, gamma, out=out)
+
     def forward(self, x: Tensor) -> Tensor:
-        x32 = _at_least_float32(x)
-        return (F.normalize(x32, dim=1) * self.scale * self.gamma.to(x32.dtype)).type_as(x)
+        # x: [b, C, ...] (a video or an image) -> same shape and dtype
+        return self._normalised(x).type_as(x)
+
+    def silu_into(self, x: Tensor, padded: Tensor) -> Tensor:
+        """SiLU(norm(x)) written into the frames after the history of `padded` (a conv's `padded_input`),
+        rounded to padded's dtype before the SiLU as `F.silu(norm(x))` is. Returns `padded`."""
+        out = padded[:, :, padded.shape[2] - x.shape[2] :]
+        F.silu(self._normalised(x, out=out), inplace=True)
+        return padded
 
 
 class ResidualBlock(nn.Module):
@@ -165,11 +232,18 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor, cache: FrameCache) -> Tensor:
         # x: [b, in_dim, t, h, w] -> [b, out_dim, t, h, w]
-        return _run(self.residual, x, cache) + self.shortcut(x)
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        # 1. Norm, SiLU, causal 3x3x3 conv; the activation lands right after the conv's cached frames.
+        h = conv1.forward_padded(norm1.silu_into(x, conv1.padded_input(x, x.dtype, cache)), cache)
+        # 2. Again (Wan's dropout is the identity).
+        h = conv2.forward_padded(norm2.silu_into(h, conv2.padded_input(h, h.dtype, cache)), cache)
+        # 3. Shortcut, added in place.
+        return h.add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
-    """Single-head self-attention over the pixels of each frame; frames do not see each other."""
+    """Single-head self-attention over the pixels of each frame; frames do not see each other (they are
+    folded into the batch, all frames of a call at once)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -180,27 +254,34 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # x: [b, c, t, h, w] -> [b, c, t, h, w]
         b, c, t, h, w = x.shape
-        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
-        # 1. q, k, v: [b*t, 1, h*w, c] each (one head).
-        qkv = self.to_qkv(self.norm(frames)).flatten(2).transpose(1, 2).unsqueeze(1)
-        q, k, v = qkv.chunk(3, dim=-1)
-        # 2. Attention over the frame's pixels, back to [b*t, c, h, w].
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
-        # 3. Output projection, residual.
-        return x + self.proj(out).view(b, t, c, h, w).transpose(1, 2)
+        # 1. Pixels as tokens, frames in the batch: [b*t, h*w, c] (a free view when x is channels-last).
+        tokens = self.norm(x).permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
+        # 2. q, k, v (the 1x1 conv as a linear layer): [b*t, 1, h*w, c] each (one head).
+        q, k, v = (
+            F.linear(tokens, self.to_qkv.weight.flatten(1), self.to_qkv.bias).unsqueeze(1).chunk(3, dim=-1)
+        )
+        # 3. Attention over the frame's pixels, output projection: [b*t, h*w, c].
+        out = F.linear(
+            F.scaled_dot_product_attention(q, k, v).squeeze(1), self.proj.weight.flatten(1), self.proj.bias
+        )
+        # 4. Residual, back to [b, c, t, h, w].
+        return x + out.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
 class Upsample2x(nn.Module):
-    """Nearest-exact 2x spatial upsampling, in float32 at least (bf16 nearest-exact is not supported
-    everywhere)."""
+    """Nearest 2x upsampling of h and w (of every frame of a video). For a factor of 2 "nearest" and Wan's
+    "nearest-exact" pick the same pixels, and copying is exact in any dtype: no float32 round trip."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(_at_least_float32(x), scale_factor=2.0, mode="nearest-exact").type_as(x)
+        # x: [b, c, t, h, w] -> [b, c, t, 2h, 2w] (or [b, c, h, w] -> [b, c, 2h, 2w])
+        scale = (1.0, 2.0, 2.0) if x.ndim == 5 else (2.0, 2.0)
+        return F.interpolate(x, scale_factor=scale, mode="nearest")
 
 
 class Resample(nn.Module):
     """2x spatial upsampling (nearest, then a 3x3 conv that halves the channels); when `temporal`, first
-    2x in time: a causal (3, 1, 1) conv makes two output frames per input frame."""
+    2x in time: a causal (3, 1, 1) conv makes two output frames per input frame, except for the video's
+    very first frame, which passes through once."""
 
     def __init__(self, dim: int, temporal: bool):
         super().__init__()
@@ -210,21 +291,39 @@ class Resample(nn.Module):
             self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1))
 
     def forward(self, x: Tensor, cache: FrameCache) -> Tensor:
-        # x: [b, c, t, h, w] -> [b, c/2, t' (t or 2t), 2h, 2w]
-        b, c, t, h, w = x.shape
-        # 1. Temporal 2x. The video's first frame is not doubled (hence 1 + 4 (F - 1) frames): its call only
-        #    starts the time conv, with an all-zero history.
+        # x: [b, c, t, h, w] -> [b, c/2, t', 2h, 2w]; t' = 2t, or 1 + 2 (t - 1) for the video's first call
+        # 1. Temporal 2x.
         if self.temporal:
-            key = self.time_conv.cache_key
-            if key not in cache:
-                cache[key] = x.new_zeros(b, c, self.time_conv.history, h, w)
-            else:
-                x = self.time_conv(x, cache)  # [b, 2c, t, h, w]: channel halves are frames 2i and 2i+1
-                x = x.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
-                t = 2 * t
-        # 2. Spatial 2x, frame by frame: [b*t, c, h, w] -> [b*t, c/2, 2h, 2w].
-        frames = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
-        return frames.view(b, t, *frames.shape[1:]).transpose(1, 2)
+            x = self._upsample_time(x, cache)
+        # 2. Spatial 2x of every frame: the 3x3 conv as a (1, 3, 3) conv over the video (no frame folding).
+        upsample, conv = self.resample
+        return F.conv3d(upsample(x), conv.weight.unsqueeze(2), conv.bias, padding=(0, 1, 1))
+
+    def _upsample_time(self, x: Tensor, cache: FrameCache) -> Tensor:
+        b, c, t, h, w = x.shape
+        conv = self.time_conv
+        # 1. The video's first frame is not doubled (hence 1 + 4 (F - 1) frames): it only starts the time
+        #    conv, whose history stays zeros, so the call's later frames see a zero past as in Wan.
+        first = int(conv.cache_key not in cache)
+        if first:
+            cache[conv.cache_key] = x.new_zeros(b, c, conv.history, h, w)
+            if t == 1:
+                return x
+        # 2. Time conv of the frames that are doubled: [b, 2c, t - first, h, w], channel halves are the
+        #    output frames 2i and 2i + 1.
+        doubled = conv(x[:, :, first:], cache)
+        # 3. Interleave the halves into time, after the passed-through first frame:
+        #    [b, c, first + 2 (t - first), h, w].
+        n = t - first
+        out = torch.empty(
+            (b, c, first + 2 * n, h, w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x)
+        )
+        if first:
+            out[:, :, :1].copy_(x[:, :, :1])
+        out[:, :, first:].view(b, c, n, 2, h, w).copy_(
+            doubled.view(b, 2, c, n, h, w).permute(0, 2, 3, 1, 4, 5)
+        )
+        return out
 
 
 def _run(layers: nn.Sequential, x: Tensor, cache: FrameCache) -> Tensor:
@@ -263,7 +362,7 @@ class Decoder3d(nn.Module):
         self.head = nn.Sequential(RMSNorm(dims[-1], 3), nn.SiLU(), CausalConv3d(dims[-1], 3, 3))
 
     def forward(self, x: Tensor, cache: FrameCache) -> Tensor:
-        """x: [b, z_dim, t, h, w] (one latent frame per call in our decode loop) -> [b, 3, t', 8h, 8w]."""
+        """x: [b, z_dim, f, h, w], the next f latent frames -> [b, 3, 4f (1 + 4 (f - 1) first), 8h, 8w]."""
         # 1. Latent channels -> the widest features.
         x = self.conv1(x, cache)
         # 2. Middle: residual block, per-frame attention, residual block.
@@ -271,7 +370,8 @@ class Decoder3d(nn.Module):
         # 3. Upsampling stages: 2x in h and w each, 2x in time where flagged (not for the first frame).
         x = _run(self.upsamples, x, cache)
         # 4. Head: norm, SiLU, conv to RGB.
-        return _run(self.head, x, cache)
+        norm, _, conv = self.head
+        return conv.forward_padded(norm.silu_into(x, conv.padded_input(x, x.dtype, cache)), cache)
 
 
 # -- the decoder and its stream -----------------------------------------------------------------------
@@ -281,6 +381,8 @@ class WanVAEDecoder(nn.Module):
     """Decoding half of the Wan2.1 VAE: DiT-space latents [b, 16, F, h, w] -> video [b, 3, 1+4(F-1), 8h, 8w].
 
     Parameters are named as in `Wan2.1_VAE.pth` (`conv2.*`, `decoder.*`): its decoder keys load as is.
+    On GPU: `to_channels_last()` (cuDNN's NDHWC kernels, no layout conversions between layers),
+    `torch.backends.cudnn.benchmark = True`, and optionally `compile_block()`.
     """
 
     def __init__(self, config: VAEConfig | None = None):
@@ -291,6 +393,8 @@ class WanVAEDecoder(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, CausalConv3d):
                 module.cache_key = name
+        self.memory_format = torch.contiguous_format  # of the activations; see to_channels_last
+        self._compiled_block: Any = None  # set by compile_block
 
     @property
     def dtype(self) -> torch.dtype:
@@ -300,15 +404,46 @@ class WanVAEDecoder(nn.Module):
     def device(self) -> torch.device:
         return self.conv2.weight.device
 
+    def to_channels_last(self) -> WanVAEDecoder:
+        """Channels-last (NDHWC) conv weights and activations, for cuDNN's tensor-core kernels.
+
+        The latents are converted once per call; every layer then keeps the layout: padded conv inputs and
+        time-upsampled frames are allocated channels-last, element-wise ops and 2x upsampling follow their
+        input, and attention folds frames into tokens by a view. Same results as the default layout (up to
+        the summation order of the convs). Returns self.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+                layout = torch.channels_last_3d if module.weight.ndim == 5 else torch.channels_last
+                module.weight.data = module.weight.data.contiguous(memory_format=layout)
+        self.memory_format = torch.channels_last_3d
+        return self
+
+    def compile_block(self, **options: Any) -> WanVAEDecoder:
+        """torch.compile the per-block step (de-normalise, decoder, clamp) that `decode` and every stream
+        run; `options` go to torch.compile. A video's first block (empty cache) and later blocks of another
+        size are separate graphs: warm up with a first block and a steady-state block before timing.
+        Returns self."""
+        self._compiled_block = torch.compile(self._decode_block, **options)
+        return self
+
     def new_stream(self) -> DecoderStream:
         """A fresh video: decode its latent frames block by block with `stream.decode(block)`."""
         return DecoderStream(self)
 
-    def decode(self, latents: Tensor) -> Tensor:
+    def decode(self, latents: Tensor, block_frames: int | None = 3) -> Tensor:
         """Whole video: latents [b, z_dim, F, h, w] in the DiT's normalised space -> float32 video
-        [b, 3, 1 + 4 (F - 1), 8h, 8w] in [-1, 1]."""
+        [b, 3, 1 + 4 (F - 1), 8h, 8w] in [-1, 1].
+
+        Decoded `block_frames` latent frames per pass (None: all at once). The result does not depend on
+        it; the peak memory grows with it."""
         _check_latents(latents, self.config, "latents")
-        return self._decode_frames(latents, {})
+        if block_frames is not None and block_frames < 1:
+            raise ValueError(f"block_frames must be >= 1 or None, got {block_frames}")
+        step = block_frames or latents.shape[2]
+        stream = self.new_stream()
+        parts = [stream.decode(latents[:, :, i : i + step]) for i in range(0, latents.shape[2], step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     def forward(self, latents: Tensor) -> Tensor:
         return self.decode(latents)
@@ -316,21 +451,28 @@ class WanVAEDecoder(nn.Module):
     @torch.no_grad()
     def _decode_frames(self, latents: Tensor, cache: FrameCache) -> Tensor:
         """Decode latent frames that continue the video whose state `cache` holds (empty: a new video)."""
+        step = self._compiled_block if self._compiled_block is not None else self._decode_block
+        return step(latents, cache)
+
+    def _decode_block(self, latents: Tensor, cache: FrameCache) -> Tensor:
+        # latents: [b, z_dim, f, h, w] -> [b, 3, 4f (1 + 4 (f - 1) for a new video), 8h, 8w]
         # 1. De-normalise in float32: DiT space -> the VAE's latent space, z * std + mean.
         stats = dict(device=latents.device, dtype=torch.float32)
         std = torch.tensor(self.config.latents_std, **stats).view(1, -1, 1, 1, 1)
         mean = torch.tensor(self.config.latents_mean, **stats).view(1, -1, 1, 1, 1)
         z = (latents.float() * std + mean).to(device=self.device, dtype=self.dtype)
+        z = z.contiguous(memory_format=self.memory_format)
 
-        # 2. Post-quant 1x1x1 conv: pointwise in time, so the whole block at once.
+        # 2. Post-quant 1x1x1 conv.
         z = self.conv2(z)
 
-        # 3. Decoder one latent frame at a time (as Wan does): each temporal conv reads and writes its last
-        #    input frames in the cache, so where the block boundaries fall does not change the result.
-        frames = [self.decoder(z[:, :, i : i + 1], cache) for i in range(z.shape[2])]
+        # 3. Decoder, all f latent frames through each layer at once: each temporal conv reads and writes
+        #    its last two input frames in the cache, so where the block boundaries fall does not change the
+        #    result.
+        video = self.decoder(z, cache)
 
-        # 4. Join: [b, 3, 1 or 4 per latent frame, 8h, 8w], clamped to the video range.
-        return torch.cat(frames, dim=2).float().clamp_(-1.0, 1.0)
+        # 4. Clamped to the video range, float32: [b, 3, T, 8h, 8w].
+        return video.float().clamp_(-1.0, 1.0)
 
 
 class DecoderStream:
