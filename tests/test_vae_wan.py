@@ -1,4 +1,5 @@
-"""Wan2.1 VAE decoder: streaming equals whole decoding and diffusers' AutoencoderKLWan; both formats load."""
+"""Wan2.1 VAE decoder: streaming equals whole decoding and diffusers' AutoencoderKLWan; both formats load;
+channels-last and compiled decoding give the same video."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from longlive_core.models.vae_wan import (
     VAEConfig,
@@ -42,7 +44,16 @@ def latents() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def whole(decoder, latents) -> torch.Tensor:
-    return decoder.decode(latents)
+    """All latent frames through each layer in one pass."""
+    return decoder.decode(latents, block_frames=None)
+
+
+def _stream(decoder: WanVAEDecoder, latents: torch.Tensor, split: tuple[int, ...]) -> list[torch.Tensor]:
+    stream, parts, start = decoder.new_stream(), [], 0
+    for size in split:
+        parts.append(stream.decode(latents[:, :, start : start + size]))
+        start += size
+    return parts
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +84,9 @@ def test_matches_diffusers(decoder, reference, latents, whole):
     assert rel_err(whole, expected) < TOL
 
 
-@pytest.mark.parametrize("split", [(BLOCK, BLOCK, BLOCK), (1, 4, 2, 2)])
+# Blocks as the engine makes them; uneven ones; one latent frame per call (Wan's own loop); a first block
+# of 2, where the temporal upsamplers pass frame 0 through and double frame 1 in the same call.
+@pytest.mark.parametrize("split", [(BLOCK, BLOCK, BLOCK), (1, 4, 2, 2), (1,) * 9, (2, 7)])
 def test_streaming_equals_whole_with_a_fixed_size_cache(decoder, latents, whole, split):
     stream = decoder.new_stream()
     parts, cache_bytes, keys = [], [], []
@@ -108,6 +121,75 @@ def test_stream_reset_starts_a_new_video(decoder, latents, whole):
     stream.reset()
     assert stream.cache_bytes == 0
     assert rel_err(stream.decode(latents[:, :, :BLOCK]), whole[:, :, : 1 + 4 * (BLOCK - 1)]) < TOL
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3])
+def test_first_block_temporal_upsampling_matches_diffusers(decoder, reference, latents, frames):
+    """A video's first call holds latent frame 0 (1 video frame, not doubled in time) and later frames
+    (4 each): diffusers decodes it one latent frame at a time."""
+    ours = decoder.new_stream().decode(latents[:, :, :frames])
+    with torch.no_grad():
+        expected = reference.decode(_denormalise(latents[:, :, :frames], decoder.config)).sample
+    assert ours.shape == expected.shape == (latents.shape[0], 3, 1 + 4 * (frames - 1), 32, 48)
+    assert rel_err(ours, expected) < TOL
+
+
+def test_decode_in_blocks_equals_one_pass(decoder, latents, whole):
+    for block_frames in (1, 2, BLOCK, 100):
+        assert rel_err(decoder.decode(latents, block_frames=block_frames), whole) < TOL
+    with pytest.raises(ValueError, match="block_frames"):
+        decoder.decode(latents, block_frames=0)
+
+
+def test_cache_is_allocated_once_and_written_in_place(decoder, latents):
+    stream = decoder.new_stream()
+    stream.decode(latents[:, :, :BLOCK])
+    stream.decode(latents[:, :, BLOCK : 2 * BLOCK])
+    pointers = {k: v.data_ptr() for k, v in stream.cache.items()}
+    stream.decode(latents[:, :, 2 * BLOCK :])
+    assert {k: v.data_ptr() for k, v in stream.cache.items()} == pointers
+
+
+class _ConvLayouts(TorchDispatchMode):
+    """Records, for every convolution, whether its input and output are channels-last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layouts: list[tuple[bool, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default and args[0].ndim == 5:
+            cl = torch.channels_last_3d
+            self.layouts.append(
+                (args[0].is_contiguous(memory_format=cl), out.is_contiguous(memory_format=cl))
+            )
+        return out
+
+
+def test_channels_last_keeps_the_layout_and_the_result(decoder, latents, whole):
+    fast = WanVAEDecoder(decoder.config).eval()
+    fast.load_state_dict(decoder.state_dict())
+    fast.to_channels_last()
+    with _ConvLayouts() as mode:
+        parts = _stream(fast, latents, (BLOCK, BLOCK, BLOCK))
+    # Every conv reads and writes NDHWC: no layout conversion anywhere between the layers.
+    assert mode.layouts and all(i and o for i, o in mode.layouts)
+    assert rel_err(torch.cat(parts, dim=2), whole) < TOL
+    # Negative control: the default layout is not channels-last.
+    with _ConvLayouts() as mode:
+        _stream(decoder, latents, (BLOCK,))
+    assert not any(i for i, _ in mode.layouts)
+
+
+def test_compiled_block_step_traces_whole_and_decodes_the_same(decoder, latents, whole):
+    """The per-block step traces as one graph (fullgraph) for a first and a later block; the eager-backend
+    compile keeps CPU test time low and checks what torch.compile sees."""
+    compiled = WanVAEDecoder(decoder.config).eval()
+    compiled.load_state_dict(decoder.state_dict())
+    compiled.compile_block(backend="aot_eager", fullgraph=True)
+    parts = _stream(compiled, latents, (BLOCK, BLOCK, BLOCK))
+    assert rel_err(torch.cat(parts, dim=2), whole) < TOL
 
 
 def test_key_mapping_round_trips(decoder):

@@ -8,17 +8,18 @@ one latent frame at a time; the result is the same, the convolutions get more fr
 
 Sizes: latent frame 0 -> 1 video frame, every later latent frame -> 4 (temporal_scale); 8x in h and w.
 
-Memory traffic (Wan2.1 at 480x832, bf16, a steady block of 3 latent frames = 12 video frames). Per video
-frame an activation is 76.7 MB at 480x832 x 96 channels and 38.3 MB at 240x416 x 192; the 12-frame
-stages hold 7 + 6 temporal 3x3x3 convs. A conv fed by `cat([cache, x])` reads and writes 14 frames:
-2.15 GB per conv at 480x832, ~24 GB per block over all convs. Here the norm + SiLU that feeds each conv
-writes straight into a buffer after the conv's two cached frames, so a conv costs 2 frames in and 2 out
-(0.3 GB at 480x832, ~3.6 GB per block). Norm + SiLU themselves move ~18 bytes per element (bf16 in,
-float32 maths, bf16 out) instead of ~44 (upcast copy, normalise, two scalings, downcast, SiLU): ~90 GB
-per block instead of ~220 GB over the ~5 G elements normed. Spatial padding is the convs' own (no F.pad),
-and 2x upsampling runs in the activation dtype on the 5D tensor (no float32 round trip, no frame folding).
-`to_channels_last()` keeps every activation channels-last (NDHWC) end to end; `compile_block()` fuses the
-remaining element-wise work.
+Memory traffic (Wan2.1 at 480x832, bf16, a steady block of 3 latent frames = 12 video frames; bytes read
+plus written). An activation frame is 76.7 MB at 480x832 x 96 channels, 38.3 MB at 240x416 x 192; those
+stages run 7 and 6 temporal 3x3x3 convs on 12 frames. Feeding a conv `cat([cache, x])` and cloning its
+last two frames moves 2 (2 + t) + 4 frames: 2.5 GB per conv at 480x832 for t = 12, and ~43 GB per block
+when, as in Wan, each call holds one latent frame (t = 4 there). Here the norm + SiLU that feeds a conv
+writes into a buffer right after the conv's two cached frames: 8 frames moved, 0.6 GB per conv at
+480x832, ~8 GB per block. Norm + SiLU move ~18 bytes per element (bf16 in, float32 maths, bf16 out)
+instead of ~44 (upcast copy, normalise, two scalings, downcast, SiLU): ~90 GB per block instead of ~220 GB
+over the ~5 G elements normed. Convs pad h and w themselves (no F.pad); 2x upsampling copies in the
+activation dtype on the 5D tensor (no float32 round trip, no frame folding). The convs do ~20 T
+multiply-adds per block, the floor at ~500 TFLOP/s is ~80 ms. `to_channels_last()` keeps every
+activation channels-last (NDHWC) end to end; `compile_block()` fuses the remaining element-wise work.
 """
 
 from __future__ import annotations
@@ -117,10 +118,6 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
 # -- building blocks (parameter names are Wan's) ------------------------------------------------------
 
 
-def _at_least_float32(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def _memory_format(x: Tensor) -> torch.memory_format:
     """The layout new activations take after `x`: channels-last when x's channels are its innermost dim."""
     return torch.channels_last_3d if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
@@ -153,13 +150,14 @@ class CausalConv3d(nn.Conv3d):
         self.history = kernel[0] - 1
         self.cache_key = ""  # its module name, set by WanVAEDecoder
 
-    def padded_input(self, like: Tensor, dtype: torch.dtype, cache: FrameCache | None) -> Tensor:
-        """[b, c_in, history + t, h, w] for an input shaped like `like` ([b, c_in, t, h, w], same device and
-        layout): the cached frames first (zeros at the start of a video), the t new frames left unset."""
+    def padded_input(self, like: Tensor, cache: FrameCache | None) -> Tensor:
+        """[b, c_in, history + t, h, w] for an input shaped like `like` ([b, c_in, t, h, w], same dtype,
+        device and layout): the cached frames first (zeros at the start of a video), the t new frames left
+        unset."""
         b, c, t, h, w = like.shape
         buf = torch.empty(
             (b, c, self.history + t, h, w),
-            dtype=dtype,
+            dtype=like.dtype,
             device=like.device,
             memory_format=_memory_format(like),
         )
@@ -180,7 +178,7 @@ class CausalConv3d(nn.Conv3d):
         # x: [b, c_in, t, h, w] -> [b, c_out, t, h, w]
         if not self.history:
             return super().forward(x)
-        padded = self.padded_input(x, x.dtype, cache)
+        padded = self.padded_input(x, cache)
         padded[:, :, self.history :].copy_(x)
         return self.forward_padded(padded, cache)
 
@@ -212,7 +210,11 @@ class RMSNorm(nn.Module):
         """SiLU(norm(x)) written into the frames after the history of `padded` (a conv's `padded_input`),
         rounded to padded's dtype before the SiLU as `F.silu(norm(x))` is. Returns `padded`."""
         out = padded[:, :, padded.shape[2] - x.shape[2] :]
-        F.silu(self._normalised(x, out=out), inplace=True)
+        if torch.compiler.is_compiling():
+            # Dynamo takes no strided `out=`; Inductor fuses this chain and writes into the slice itself.
+            out.copy_(F.silu(self._normalised(x).to(out.dtype)))
+        else:
+            F.silu(self._normalised(x, out=out), inplace=True)
         return padded
 
 
@@ -234,9 +236,9 @@ class ResidualBlock(nn.Module):
         # x: [b, in_dim, t, h, w] -> [b, out_dim, t, h, w]
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
         # 1. Norm, SiLU, causal 3x3x3 conv; the activation lands right after the conv's cached frames.
-        h = conv1.forward_padded(norm1.silu_into(x, conv1.padded_input(x, x.dtype, cache)), cache)
+        h = conv1.forward_padded(norm1.silu_into(x, conv1.padded_input(x, cache)), cache)
         # 2. Again (Wan's dropout is the identity).
-        h = conv2.forward_padded(norm2.silu_into(h, conv2.padded_input(h, h.dtype, cache)), cache)
+        h = conv2.forward_padded(norm2.silu_into(h, conv2.padded_input(h, cache)), cache)
         # 3. Shortcut, added in place.
         return h.add_(self.shortcut(x))
 
@@ -371,7 +373,7 @@ class Decoder3d(nn.Module):
         x = _run(self.upsamples, x, cache)
         # 4. Head: norm, SiLU, conv to RGB.
         norm, _, conv = self.head
-        return conv.forward_padded(norm.silu_into(x, conv.padded_input(x, x.dtype, cache)), cache)
+        return conv.forward_padded(norm.silu_into(x, conv.padded_input(x, cache)), cache)
 
 
 # -- the decoder and its stream -----------------------------------------------------------------------
@@ -393,7 +395,7 @@ class WanVAEDecoder(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, CausalConv3d):
                 module.cache_key = name
-        self.memory_format = torch.contiguous_format  # of the activations; see to_channels_last
+        self.channels_last = False  # activations in NDHWC; see to_channels_last
         self._compiled_block: Any = None  # set by compile_block
 
     @property
@@ -410,13 +412,14 @@ class WanVAEDecoder(nn.Module):
         The latents are converted once per call; every layer then keeps the layout: padded conv inputs and
         time-upsampled frames are allocated channels-last, element-wise ops and 2x upsampling follow their
         input, and attention folds frames into tokens by a view. Same results as the default layout (up to
-        the summation order of the convs). Returns self.
+        the summation order of the convs). The decoded video comes back in that layout too (its frames as
+        [T, H, W, 3] are then a free view). Returns self.
         """
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Conv3d)):
                 layout = torch.channels_last_3d if module.weight.ndim == 5 else torch.channels_last
                 module.weight.data = module.weight.data.contiguous(memory_format=layout)
-        self.memory_format = torch.channels_last_3d
+        self.channels_last = True
         return self
 
     def compile_block(self, **options: Any) -> WanVAEDecoder:
@@ -461,7 +464,8 @@ class WanVAEDecoder(nn.Module):
         std = torch.tensor(self.config.latents_std, **stats).view(1, -1, 1, 1, 1)
         mean = torch.tensor(self.config.latents_mean, **stats).view(1, -1, 1, 1, 1)
         z = (latents.float() * std + mean).to(device=self.device, dtype=self.dtype)
-        z = z.contiguous(memory_format=self.memory_format)
+        if self.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last_3d)
 
         # 2. Post-quant 1x1x1 conv.
         z = self.conv2(z)
