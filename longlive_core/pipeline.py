@@ -155,10 +155,13 @@ class LongLivePipeline:
             text_encoder = _load_text_encoder(files, transformer.config.text_len, device, dtype)
             vae = _load_decoder(decoder, files, device, dtype)
             default_size = REAL_MODEL_SIZE
+        vae = vae.to(device, dtype).eval()
+        if runtime is not None and runtime.compile and decoder == "wan":
+            vae.to_channels_last().compile_block()  # 290 -> 113 ms per block on an H100
         return cls(
             transformer.to(device, dtype).eval(),
             text_encoder.to(device),
-            vae.to(device, dtype).eval(),
+            vae,
             generation_config,
             default_size,
             runtime,
