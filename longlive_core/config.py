@@ -8,6 +8,7 @@ from typing import Any, Literal
 RopeMode = Literal["absolute", "relative"]
 RecacheMode = Literal["unmasked", "block_causal", "off"]
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
+LinearMode = Literal["bf16", "fp8", "int8"]
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,11 @@ class RuntimeConfig:
 
     attention: AttentionBackend = "auto"  # auto: cuDNN, then flash, efficient, math (the best first)
     compile: bool = False  # torch.compile each transformer block (fuses norms, modulation, RoPE)
+    linear: LinearMode = "bf16"  # block linears in fp8 (Hopper tensor cores) or int8; weights quantized once
 
     def __post_init__(self) -> None:
+        if self.linear not in ("bf16", "fp8", "int8"):
+            raise ValueError(f"linear must be 'bf16', 'fp8' or 'int8', got {self.linear!r}")
         if self.attention not in ("auto", "cudnn", "flash", "efficient", "math"):
             raise ValueError(
                 f"attention must be one of auto, cudnn, flash, efficient, math; got {self.attention!r}"

@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import RuntimeConfig
 from .models.transformer_causal_wan import CausalWanTransformer
+from .quantization import quantize_blocks
 
 _BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -44,6 +45,8 @@ def compile_blocks(model: CausalWanTransformer) -> CausalWanTransformer:
 
 
 def prepare(model: CausalWanTransformer, runtime: RuntimeConfig) -> CausalWanTransformer:
+    """Apply the runtime to the model in place: quantize the block linears, then compile the blocks."""
+    quantize_blocks(model, runtime.linear)
     if runtime.compile and not getattr(model, "_longlive_compiled", False):
         compile_blocks(model)
         model._longlive_compiled = True

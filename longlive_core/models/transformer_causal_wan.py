@@ -215,7 +215,7 @@ class CausalWanBlock(nn.Module):
     ) -> Tensor:
         # x: [b, f, tokens, dim] float32 residual stream; e0: [b, f, 6, dim] float32 per-frame modulation.
         b, f, tokens, dim = x.shape
-        dtype = self.ffn[0].weight.dtype
+        dtype = self.modulation.dtype  # the model's compute dtype (linears may hold fp8 / int8 weights)
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(3).unbind(2)
 
         # 1. Self-attention on the modulated norm, gated residual.
