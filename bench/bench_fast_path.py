@@ -83,10 +83,7 @@ def bench_decoder(decoder: torch.nn.Module, channels_last: bool) -> float:
     """Median seconds to decode one steady-state block of 3 latent frames (12 video frames)."""
     block = torch.randn(1, 16, 3, *LATENT_SIZE, device="cuda", dtype=torch.bfloat16)
     if channels_last:
-        for module in decoder.modules():
-            if isinstance(module, torch.nn.Conv3d):
-                module.weight.data = module.weight.data.to(memory_format=torch.channels_last_3d)
-        block = block.to(memory_format=torch.channels_last_3d)
+        decoder.to_channels_last()
     stream = decoder.new_stream()
     with torch.no_grad():
         stream.decode(block)  # the first block (9 frames) warms up

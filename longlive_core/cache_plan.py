@@ -28,12 +28,6 @@ class PassPlan:
     slot_positions: tuple[int, ...]  # per slot: RoPE position of the frame it holds (EMPTY if none)
     slot_frames: tuple[int, ...]  # per slot: frame index held after the writes (EMPTY if none)
 
-    @property
-    def sees_everything(self) -> bool:
-        """True when every query frame sees every slot: the pass needs no attention mask."""
-        full = tuple(range(len(self.slot_frames)))
-        return all(v == full for v in self.visible_slots)
-
 
 class CacheLayout:
     """Host-side map of one session's cache slots to latent frames; plans every pass it makes."""
