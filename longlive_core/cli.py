@@ -109,7 +109,9 @@ def generate(args: argparse.Namespace) -> int:
     pipe = LongLivePipeline.from_pretrained(
         args.model, device=args.device, decoder=args.decoder, runtime=runtime
     )
-    stream = pipe.stream(schedule=entries, seconds=seconds, seed=args.seed, size=args.size)
+    stream = pipe.stream(
+        schedule=entries, seconds=seconds, seed=args.seed, size=args.size, overlap_decode=True
+    )
     width, height = pipe.check_size(args.size)
     writer = Mp4Writer(args.output, width, height, fps=FPS)
     total = stream.plan.num_frames

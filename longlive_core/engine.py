@@ -29,6 +29,15 @@ from .scheduler import BlockWork, RecacheWork, Scheduler, SchedulerOutput
 logger = logging.getLogger(__name__)
 
 
+def to_device(data: Tensor | list, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """Host data -> device without blocking the host: a copy from pageable memory would wait for all
+    queued GPU work, so CUDA copies go through pinned memory."""
+    host = data if isinstance(data, Tensor) else torch.tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class Engine:
     """Generates latent blocks for up to `max_sessions` concurrent sessions of one latent size.
 
@@ -134,7 +143,7 @@ class Engine:
             return
         rows = slice(work.slot, work.slot + 1)
         frames = [f % self.config.window_frames for f in work.plan.query_frames]
-        latents = self.history[rows, frames].transpose(1, 2)  # [1, C, F, H, W]
+        latents = self.history[rows, to_device(frames, self.model.device)].transpose(1, 2)  # [1, C, F, H, W]
         timestep = torch.zeros(1, len(frames), device=self.model.device)
         rope, cache = self._pass_inputs([work.plan], rows)
         self.model(latents, timestep, self.cache.context(rows), rope, cache)
@@ -146,26 +155,32 @@ class Engine:
         shape = (self.model.config.in_dim, block_frames, *self.latent_size)
         device = self.model.device
 
-        def noise(step: int) -> Tensor:
-            draws = [block_noise(w.seed, w.block_index, step, shape) for w in blocks]
-            return torch.stack(draws).to(device, non_blocking=True)
+        # Every step's noise in one copy: [steps, b, C, F, H, W].
+        steps = range(len(self.sampler))
+        noise = to_device(
+            torch.stack(
+                [torch.stack([block_noise(w.seed, w.block_index, s, shape) for w in blocks]) for s in steps]
+            ),
+            device,
+        )
 
         rope, cache = self._pass_inputs([w.plan for w in blocks], rows)
         context = self.cache.context(rows)
         timestep = torch.empty(len(blocks), block_frames, device=device)
         # 1. Few-step denoising; every pass writes the block's current K/V into its slots.
-        x = noise(0)
+        x = noise[0]
         for i, (t, sigma) in enumerate(zip(self.sampler.timesteps, self.sampler.sigmas, strict=True)):
             flow = self.model(x, timestep.fill_(t), context, rope, cache)
             x0 = self.sampler.predict_x0(x, flow, sigma)
             if i + 1 < len(self.sampler):
-                x = self.sampler.renoise(x0, noise(i + 1), self.sampler.sigmas[i + 1])
+                x = self.sampler.renoise(x0, noise[i + 1], self.sampler.sigmas[i + 1])
         # 2. Commit pass: the clean block at t=0 writes its final KV.
         self.model(x0, timestep.fill_(0.0), context, rope, cache)
         # 3. Keep the clean latents for a later recache.
-        for i, work in enumerate(blocks):
-            ring = [f % self.config.window_frames for f in work.plan.query_frames]
-            self.history[i, ring] = x0[i].transpose(0, 1)
+        window = self.config.window_frames
+        ring = to_device([[f % window for f in w.plan.query_frames] for w in blocks], device)  # [b, F]
+        rows_index = torch.arange(len(blocks), device=device)[:, None]
+        self.history[rows_index, ring] = x0.transpose(1, 2)
         return {w.session_id: x0[i] for i, w in enumerate(blocks)}
 
     def _pass_inputs(self, plans: list[PassPlan], rows: slice) -> tuple[RopeTables, SelfAttentionCache]:
@@ -173,12 +188,10 @@ class Engine:
         device = self.model.device
         tokens = self.tokens_per_frame
         window = self.config.window_frames
-        query_positions = torch.tensor([p.query_positions for p in plans], device=device)
+        query_positions = to_device([p.query_positions for p in plans], device)
         rope = rope_tables(self.model.config, query_positions, self.grid, device)
         # Flat token index into the rows' view [b * window * tokens]: (row, slot, token).
-        slot_index = torch.tensor(
-            [[b * window + s for s in p.write_slots] for b, p in enumerate(plans)], device=device
-        )
+        slot_index = to_device([[b * window + s for s in p.write_slots] for b, p in enumerate(plans)], device)
         write_index = (slot_index[..., None] * tokens + torch.arange(tokens, device=device)).flatten()
         # Keys: while the window fills, the occupied slots are a prefix 0..m-1 of the cache; attend
         # to that prefix (a view) and no mask is needed. Otherwise mask per row / query frame.
@@ -195,11 +208,11 @@ class Engine:
                 visible = visible[:, :1]  # the same keys for every query frame: broadcast
             else:
                 visible = visible.repeat_interleave(tokens, 1)
-            key_mask = visible.repeat_interleave(tokens, 2)[:, None].to(device, non_blocking=True)
+            key_mask = to_device(visible.repeat_interleave(tokens, 2)[:, None], device)
         key_rope = None
         if self.config.rope_mode == "relative":
-            slot_positions = torch.tensor(
-                [[max(pos, 0) for pos in p.slot_positions[:key_slots]] for p in plans], device=device
+            slot_positions = to_device(
+                [[max(pos, 0) for pos in p.slot_positions[:key_slots]] for p in plans], device
             )
             key_rope = rope_tables(self.model.config, slot_positions, self.grid, device)
         key_len = key_slots * tokens

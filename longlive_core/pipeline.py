@@ -55,9 +55,21 @@ class VideoPlan:
 
 
 class VideoStream:
-    """Iterate to get uint8 frame chunks [n, H, W, 3], one per block; `set_prompt` steers it live."""
+    """Iterate to get uint8 frame chunks [n, H, W, 3], one per block; `set_prompt` steers it live.
 
-    def __init__(self, pipe: LongLivePipeline, plan: VideoPlan, seed: int, size: tuple[int, int]):
+    overlap_decode (CUDA only): decode block k on a second CUDA stream while the DiT makes block k+1.
+    Faster for whole videos, but a prompt set after chunk k then shows from block k+2, not k+1: keep it
+    off for live sessions.
+    """
+
+    def __init__(
+        self,
+        pipe: LongLivePipeline,
+        plan: VideoPlan,
+        seed: int,
+        size: tuple[int, int],
+        overlap_decode: bool = False,
+    ):
         self.pipe = pipe
         self.plan = plan
         width, height = size
@@ -75,9 +87,13 @@ class VideoStream:
             runtime=pipe.runtime,
         )
         self.decoder_stream = pipe.vae.new_stream()
-        self.blocks_done = 0
+        on_cuda = pipe.transformer.device.type == "cuda"
+        self.side_stream = torch.cuda.Stream(pipe.transformer.device) if overlap_decode and on_cuda else None
+        self.blocks_generated = 0
+        self.blocks_done = 0  # blocks decoded and returned
         self.frames_done = 0
         self.prompt = plan.switches[0]
+        self._pending: tuple[Tensor, torch.cuda.Event | None] | None = None
 
     def set_prompt(self, prompt: str) -> None:
         """Takes effect at the next block boundary (KV-recache)."""
@@ -87,15 +103,42 @@ class VideoStream:
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
 
-    def __next__(self) -> np.ndarray:
-        if self.plan.num_blocks is not None and self.blocks_done >= self.plan.num_blocks:
-            raise StopIteration
-        if self.blocks_done > 0 and self.blocks_done in self.plan.switches:
-            self.set_prompt(self.plan.switches[self.blocks_done])
+    def _more_to_generate(self) -> bool:
+        return self.plan.num_blocks is None or self.blocks_generated < self.plan.num_blocks
+
+    def _generate(self) -> tuple[Tensor, torch.cuda.Event | None]:
+        """Queue the next block's DiT work; returns its latents [C, f, h, w] and a 'done' event."""
+        if self.blocks_generated > 0 and self.blocks_generated in self.plan.switches:
+            self.set_prompt(self.plan.switches[self.blocks_generated])
         with torch.no_grad():
-            latents = self.session.next_block()  # [C, f, h, w]
-            video = self.decoder_stream.decode(latents[None].to(self.pipe.vae_dtype))
-        frames = to_uint8_frames(video)
+            latents = self.session.next_block()
+        self.blocks_generated += 1
+        event = None
+        if self.side_stream is not None:
+            event = torch.cuda.Event()
+            event.record()
+        return latents, event
+
+    def _decode(self, latents: Tensor, event: torch.cuda.Event | None) -> np.ndarray:
+        if self.side_stream is None:
+            with torch.no_grad():
+                return to_uint8_frames(self.decoder_stream.decode(latents[None].to(self.pipe.vae_dtype)))
+        with torch.cuda.stream(self.side_stream), torch.no_grad():
+            self.side_stream.wait_event(event)  # this block's latents, not the block queued after it
+            latents.record_stream(self.side_stream)
+            return to_uint8_frames(self.decoder_stream.decode(latents[None].to(self.pipe.vae_dtype)))
+
+    def __next__(self) -> np.ndarray:
+        if self._pending is None:
+            if not self._more_to_generate():
+                raise StopIteration
+            self._pending = self._generate()
+        current = self._pending
+        # With overlap, queue block k+1 on the GPU before decoding block k on the side stream.
+        self._pending = (
+            self._generate() if self.side_stream is not None and self._more_to_generate() else None
+        )
+        frames = self._decode(*current)
         self.blocks_done += 1
         self.frames_done += len(frames)
         return frames
@@ -197,9 +240,11 @@ class LongLivePipeline:
         seconds: float | None = None,
         seed: int = 0,
         size: tuple[int, int] | None = None,
+        overlap_decode: bool = False,
     ) -> VideoStream:
         """Frame chunks as they are made; `seconds=None` runs until the caller stops iterating."""
-        return VideoStream(self, self.plan(prompt, schedule, seconds), seed, self.check_size(size))
+        plan = self.plan(prompt, schedule, seconds)
+        return VideoStream(self, plan, seed, self.check_size(size), overlap_decode)
 
     def __call__(
         self,
@@ -211,7 +256,7 @@ class LongLivePipeline:
         callback: Callable[[VideoStream, np.ndarray], None] | None = None,
     ) -> np.ndarray:
         """The whole video as uint8 frames [T, H, W, 3]; `callback(stream, chunk)` after each block."""
-        stream = self.stream(prompt, schedule, seconds, seed, size)
+        stream = self.stream(prompt, schedule, seconds, seed, size, overlap_decode=True)
         chunks = []
         for chunk in stream:
             chunks.append(chunk)
