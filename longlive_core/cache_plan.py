@@ -32,9 +32,14 @@ class PassPlan:
 class CacheLayout:
     """Host-side map of one session's cache slots to latent frames; plans every pass it makes."""
 
-    def __init__(self, config: GenerationConfig, max_positions: int):
+    def __init__(self, config: GenerationConfig, max_positions: int, first_frame: int = 0):
+        if first_frame < 0:
+            raise ValueError(f"first_frame must be >= 0, got {first_frame}")
         self.config = config
         self.max_positions = max_positions  # absolute RoPE table size
+        # Frames are counted from the session's start; absolute RoPE adds first_frame (a session can
+        # begin at a late index, e.g. to measure the state of a 4-minute video without generating it).
+        self.first_frame = first_frame
         self.slot_frames = [EMPTY] * config.window_frames
         self.sink_start = 0  # first frame of the sink (moves only on a recache with global_sink off)
 
@@ -48,7 +53,7 @@ class CacheLayout:
     def _position(self, frame: int, slot: int, end: int) -> int:
         """RoPE position of `frame` (held in `slot`) for a pass whose newest frame is end - 1."""
         if self.config.rope_mode == "absolute":
-            return frame
+            return self.first_frame + frame
         # Relative ('infinity'): the sink sits at 0..sink-1, the window follows consecutively.
         if slot < self.config.sink_frames:
             return slot
@@ -56,10 +61,10 @@ class CacheLayout:
 
     def _plan(self, frames: list[int], block_causal: bool) -> PassPlan:
         end = frames[-1] + 1
-        if self.config.rope_mode == "absolute" and end > self.max_positions:
+        if self.config.rope_mode == "absolute" and self.first_frame + end > self.max_positions:
             raise ValueError(
-                f"latent frame {end - 1} is beyond the {self.max_positions} positions of absolute RoPE; "
-                "use rope_mode='relative' for longer videos"
+                f"latent frame {self.first_frame + end - 1} is beyond the {self.max_positions} positions of "
+                "absolute RoPE; use rope_mode='relative' for longer videos"
             )
         write_slots = tuple(self.slot_of(f) for f in frames)
         for frame, slot in zip(frames, write_slots, strict=True):

@@ -71,11 +71,19 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------
     def add_session(
-        self, session_id: str, prompt_embeds: Tensor, seed: int = 0, num_blocks: int | None = None
+        self,
+        session_id: str,
+        prompt_embeds: Tensor,
+        seed: int = 0,
+        num_blocks: int | None = None,
+        first_frame: int = 0,
     ) -> None:
-        """Queue a session; it joins at the next step with a free slot."""
+        """Queue a session; it joins at the next step with a free slot.
+
+        first_frame: the absolute latent frame index the session starts at (absolute RoPE only).
+        """
         prompt = self._check_prompt(prompt_embeds)
-        self.scheduler.add_session(session_id, seed, num_blocks)
+        self.scheduler.add_session(session_id, seed, num_blocks, first_frame)
         self.prompts[session_id] = prompt
 
     def set_prompt(self, session_id: str, prompt_embeds: Tensor) -> None:

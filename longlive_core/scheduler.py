@@ -94,12 +94,14 @@ class Scheduler:
         self._leaving: list[str] = []
 
     # -- requests ----------------------------------------------------------------------------------
-    def add_session(self, session_id: str, seed: int, num_blocks: int | None = None) -> None:
+    def add_session(
+        self, session_id: str, seed: int, num_blocks: int | None = None, first_frame: int = 0
+    ) -> None:
         if session_id in self.sessions:
             raise ValueError(f"session_id {session_id!r} already exists")
         if num_blocks is not None and num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1 or None, got {num_blocks}")
-        layout = CacheLayout(self.config, self.max_positions)
+        layout = CacheLayout(self.config, self.max_positions, first_frame)
         self.sessions[session_id] = SessionState(session_id, seed, num_blocks, layout)
         self.waiting.append(session_id)
 

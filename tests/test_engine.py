@@ -129,3 +129,30 @@ def test_bfloat16_model_runs_and_stays_close_to_float32(model):
     got = _alone(bf16, cfg, [prompt(0), prompt(1)], seed=5, blocks=5, switch_before=4)
     assert all(torch.isfinite(b).all() for b in got)
     assert max(rel_err(a, b) for a, b in zip(got, reference, strict=True)) < 0.05
+
+
+@pytest.mark.parametrize("rope_mode, tolerance", [("absolute", 1e-5), ("relative", 0.0)])  # measured 1.4e-7
+def test_a_session_can_start_at_a_late_frame_index(model, rope_mode, tolerance):
+    """RoPE only sees position differences, so a session whose frames start at index 950 (the state of
+    a ~4 minute video) makes the same latents as one starting at 0: exactly in relative mode, up to the
+    float rounding of large angles in absolute mode. Past the 1024-position table it is a clear error."""
+    cfg = GenerationConfig(rope_mode=rope_mode)
+
+    def run(first_frame: int) -> list[torch.Tensor]:
+        engine = Engine(model, cfg, SIZE)
+        engine.add_session("s", prompt(0), seed=2, first_frame=first_frame)
+        out = []
+        for b in range(6):
+            if b == 5:
+                engine.set_prompt("s", prompt(1))
+            out.append(engine.step()["s"])
+        return out
+
+    late, early = run(950), run(0)
+    assert max(rel_err(a, b) for a, b in zip(late, early, strict=True)) <= tolerance
+    if rope_mode == "absolute":
+        engine = Engine(model, cfg, SIZE)
+        engine.add_session("s", prompt(0), first_frame=1020)
+        engine.step()  # frames 1020..1022
+        with pytest.raises(ValueError, match="beyond the 1024 positions"):
+            engine.step()
