@@ -54,7 +54,7 @@ def timed(fn) -> float:
 
 
 def run_sessions(
-    model, cfg, sessions: int, blocks: int, text_len: int, runtime: RuntimeConfig
+    model, cfg, sessions: int, blocks: int, text_len: int, runtime: RuntimeConfig, first_frame: int = 0
 ) -> dict[str, float]:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -62,7 +62,7 @@ def run_sessions(
     prompts = [torch.randn(text_len, model.config.text_dim, device="cuda") for _ in range(2)]
     prompt = prompts[0]
     for i in range(sessions):
-        engine.add_session(f"s{i}", prompt, seed=i)
+        engine.add_session(f"s{i}", prompt, seed=i, first_frame=first_frame)
     first = timed(engine.step)
     steady = []
     for _ in range(blocks):
@@ -95,6 +95,12 @@ def main() -> None:
     parser.add_argument("--rope-mode", default="absolute", choices=["absolute", "relative"])
     parser.add_argument("--attention", default="auto", choices=["auto", "cudnn", "flash", "efficient"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    parser.add_argument(
+        "--first-frame",
+        type=int,
+        default=0,
+        help="start sessions at this latent frame (957: the 240 s state)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -105,7 +111,7 @@ def main() -> None:
     rows = []
     for n in args.sessions:
         t0 = time.perf_counter()
-        rows.append(run_sessions(model, cfg, n, args.blocks, args.text_len, runtime))
+        rows.append(run_sessions(model, cfg, n, args.blocks, args.text_len, runtime, args.first_frame))
         print(f"# {n} session(s) done in {time.perf_counter() - t0:.1f} s", flush=True)
 
     columns = [
@@ -126,7 +132,7 @@ def main() -> None:
         f"- torch: {torch.__version__}, bf16, attention {args.attention},"
         f" {'compiled blocks' if args.compile else 'eager'}, no CUDA graphs",
         f"- model: {args.preset}, random weights ({weights_gib:.2f} GiB), latent {LATENT_SIZE},"
-        f" rope {args.rope_mode}",
+        f" rope {args.rope_mode}, sessions start at latent frame {args.first_frame}",
         f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
         f"- block = median over blocks 5..{args.blocks} (window full: every later block costs the same);"
         " recache = step with a switch minus a block (median of 3, after one warm-up switch);"
