@@ -9,7 +9,6 @@ checked against the float32 default-layout decode of the same block (relative er
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_engine import LATENT_SIZE, timed  # noqa: E402
+from bench.report import command_line, emit  # noqa: E402
 from longlive_core.models.tae_wan import TAEConfig, TinyVideoDecoder, init_random_tae  # noqa: E402
 from longlive_core.models.vae_wan import VAEConfig, WanVAEDecoder, init_random_weights  # noqa: E402
 
@@ -71,14 +71,10 @@ def main() -> None:
     rows.append(f"| taew2_1 bf16 | {first * 1e3:.1f} | {steady * 1e3:.1f} | (other model) |")
     meta = [
         f"- card: {torch.cuda.get_device_name()}; torch {torch.__version__}; cudnn.benchmark on",
-        f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- command: `{command_line()}`",
         "- steady block = median over blocks 4..8 of one stream; first block includes warm-up / compile",
     ]
-    report = "\n".join(["# Streaming decoders", "", *meta, "", *rows, ""])
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    emit("Streaming decoders", meta, rows, args.out)
 
 
 if __name__ == "__main__":

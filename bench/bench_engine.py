@@ -11,7 +11,6 @@ same at several concurrent sessions.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import command_line, emit  # noqa: E402
 from longlive_core import CausalWanTransformer, Engine, GenerationConfig, ModelConfig  # noqa: E402
 from longlive_core.config import RuntimeConfig  # noqa: E402
 
@@ -133,16 +133,12 @@ def main() -> None:
         f" {'compiled blocks' if args.compile else 'eager'}, no CUDA graphs",
         f"- model: {args.preset}, random weights ({weights_gib:.2f} GiB), latent {LATENT_SIZE},"
         f" rope {args.rope_mode}, sessions start at latent frame {args.first_frame}",
-        f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- command: `{command_line()}`",
         f"- block = median over blocks 5..{args.blocks} (window full: every later block costs the same);"
         " recache = step with a switch minus a block (median of 3, after one warm-up switch);"
         " peak = weights + KV cache + activations",
     ]
-    report = "\n".join(["# Engine DiT-only speed", "", *meta, "", *lines, ""])
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    emit("Engine DiT-only speed", meta, lines, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Writes the report to --out (markdown) with card, torch version and command.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_engine import LATENT_SIZE, VIDEO_FRAMES_PER_BLOCK, build_model, timed  # noqa: E402
+from bench.report import command_line, emit  # noqa: E402
 from longlive_core import Engine, GenerationConfig  # noqa: E402
 from longlive_core.config import RuntimeConfig  # noqa: E402
 from longlive_core.models.tae_wan import TAEConfig, TinyVideoDecoder, init_random_tae  # noqa: E402
@@ -99,7 +99,6 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    lines = ["# Fast path on one GPU", ""]
     sdpa_rows = ["| SDPA backend | ms | TFLOP/s |", "|---|---|---|"]
     bench_sdpa(sdpa_rows)
     print("\n".join(sdpa_rows), flush=True)
@@ -156,27 +155,16 @@ def main() -> None:
             e2e.append(
                 f"| {name} + {dec} | {(block + t) * 1e3:.1f} | {VIDEO_FRAMES_PER_BLOCK / (block + t):.1f} |"
             )
-    lines += [
+    meta = [
         f"- card: {torch.cuda.get_device_name()}; torch {torch.__version__}; bf16; 1 session;"
         f" latent {LATENT_SIZE}",
-        f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- command: `{command_line()}`",
         f"- DiT block = median of blocks 5..{args.blocks} (window full); 'eager' = flash SDPA first,"
         " no compile: the naive baseline of our own code; end-to-end = DiT + decoder in series (no overlap)",
         "- rel. err = max over the first 3 blocks of |latents - fp32 eager| / |fp32 eager|"
         f" (fails above {BF16_TOLERANCE}; fp8 {TOLERANCE['fp8']}, int8 {TOLERANCE['int8']})",
-        "",
-        *sdpa_rows,
-        "",
-        *rows,
-        "",
-        *e2e,
-        "",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    emit("Fast path on one GPU", meta, [*sdpa_rows, "", *rows, "", *e2e], args.out)
     bad = {
         n: r[2] for n, r in results.items() if not r[2] < TOLERANCE.get(runtimes[n].linear, BF16_TOLERANCE)
     }

@@ -10,7 +10,6 @@ video (never reset: flat memory means the three are equal). Writes --out (markdo
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_engine import LATENT_SIZE, build_model  # noqa: E402
+from bench.report import command_line, emit  # noqa: E402
 from longlive_core import Engine, GenerationConfig  # noqa: E402
 from longlive_core.config import RuntimeConfig  # noqa: E402
 from longlive_core.models.tae_wan import TAEConfig, TinyVideoDecoder, init_random_tae  # noqa: E402
@@ -111,15 +111,11 @@ def main() -> None:
         f"- card: {torch.cuda.get_device_name()}; torch {torch.__version__}; bf16; latent {LATENT_SIZE};"
         f" {'compiled DiT blocks and decoder' if args.compile else 'eager'}, cuDNN attention first;"
         f" decoder {args.decoder} (Wan VAE: channels_last_3d)",
-        f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- command: `{command_line()}`",
         "- DiT and decoder in series on one stream;"
         " memory = weights + KV cache + decoder cache + activations",
     ]
-    report = "\n".join(["# 240 s session end to end", "", *meta, "", *rows, ""])
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    emit("240 s session end to end", meta, rows, args.out)
 
 
 if __name__ == "__main__":

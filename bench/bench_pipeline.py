@@ -8,7 +8,6 @@ random text encoder of the right width. Checks the two give identical frames. Wr
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_engine import build_model  # noqa: E402
+from bench.report import command_line, emit  # noqa: E402
 from longlive_core import LongLivePipeline, TextEncoder  # noqa: E402
 from longlive_core.config import RuntimeConfig  # noqa: E402
 from longlive_core.models.vae_wan import VAEConfig, WanVAEDecoder, init_random_weights  # noqa: E402
@@ -65,14 +65,10 @@ def main() -> None:
         f"- card: {torch.cuda.get_device_name()}; torch {torch.__version__}; bf16; 832x480;"
         " compiled DiT blocks (cuDNN attention) and compiled channels_last_3d Wan VAE;"
         " frames copied to the host as uint8",
-        f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- command: `{command_line()}`",
         f"- overlapped frames identical to serial: {identical}",
     ]
-    report = "\n".join(["# Pipeline end to end: serial vs overlapped decode", "", *meta, "", *rows, ""])
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    emit("Pipeline end to end: serial vs overlapped decode", meta, rows, args.out)
     if not identical:
         sys.exit("overlapped decode changed the frames")
 
