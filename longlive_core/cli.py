@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--compile", action="store_true", help="torch.compile the DiT blocks (GPU: ~1.7x faster)"
     )
+    gen.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="fit a 24 GB GPU: text encoder kept in host memory between prompts, VAE frame by frame",
+    )
     gen.add_argument("-o", "--output", type=Path, default=Path("longlive.mp4"))
 
     dl = sub.add_parser("download", help="fetch and verify a model's weights into the local cache")
@@ -105,7 +110,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.size is not None:
         check_size(args.size)
     torch.manual_seed(args.seed)
-    runtime = RuntimeConfig(compile=args.compile)
+    runtime = RuntimeConfig(compile=args.compile, low_memory=args.low_memory)
     pipe = LongLivePipeline.from_pretrained(
         args.model, device=args.device, decoder=args.decoder, runtime=runtime
     )

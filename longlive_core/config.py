@@ -129,6 +129,9 @@ class RuntimeConfig:
     attention: AttentionBackend = "auto"  # auto: cuDNN, then flash, efficient, math (the best first)
     compile: bool = False  # torch.compile each transformer block (fuses norms, modulation, RoPE)
     linear: LinearMode = "bf16"  # block linears in fp8 (Hopper tensor cores) or int8; weights quantized once
+    # For 24 GB cards: the text encoder waits in host memory between prompts and the VAE decodes one latent
+    # frame per pass (a third of the activation memory; the frames are the same).
+    low_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.linear not in ("bf16", "fp8", "int8"):

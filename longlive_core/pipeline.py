@@ -121,12 +121,21 @@ class VideoStream:
 
     def _decode(self, latents: Tensor, event: torch.cuda.Event | None) -> np.ndarray:
         if self.side_stream is None:
-            with torch.no_grad():
-                return to_uint8_frames(self.decoder_stream.decode(latents[None].to(self.pipe.vae_dtype)))
-        with torch.cuda.stream(self.side_stream), torch.no_grad():
+            return self._decode_on_current_stream(latents)
+        with torch.cuda.stream(self.side_stream):
             self.side_stream.wait_event(event)  # this block's latents, not the block queued after it
             latents.record_stream(self.side_stream)
-            return to_uint8_frames(self.decoder_stream.decode(latents[None].to(self.pipe.vae_dtype)))
+            return self._decode_on_current_stream(latents)
+
+    @torch.no_grad()
+    def _decode_on_current_stream(self, latents: Tensor) -> np.ndarray:
+        block = latents[None].to(self.pipe.vae_dtype)
+        if not self.pipe.runtime.low_memory:
+            return to_uint8_frames(self.decoder_stream.decode(block))
+        # One latent frame per pass: the decoders carry their state frame by frame, so the frames equal
+        # those of one pass, with a third of the activations alive at once.
+        parts = [self.decoder_stream.decode(block[:, :, i : i + 1]) for i in range(block.shape[2])]
+        return to_uint8_frames(torch.cat(parts, dim=2))
 
     def __next__(self) -> np.ndarray:
         if self._pending is None:
@@ -195,15 +204,21 @@ class LongLivePipeline:
         else:
             files = resolve_model_files(model)
             transformer = load_transformer(files, device, dtype)
-            text_encoder = _load_text_encoder(files, transformer.config.text_len, device, dtype)
+            # Low-memory mode loads the encoder to the host: it must never be whole on a 24 GB card.
+            encoder_device = "cpu" if runtime is not None and runtime.low_memory else device
+            text_encoder = _load_text_encoder(files, transformer.config.text_len, encoder_device, dtype)
             vae = _load_decoder(decoder, files, device, dtype)
             default_size = REAL_MODEL_SIZE
         vae = vae.to(device, dtype).eval()
         if runtime is not None and runtime.compile and decoder == "wan":
             vae.to_channels_last().compile_block()  # 290 -> 113 ms per block on an H100
+        if runtime is not None and runtime.low_memory and device.type != "cpu":
+            text_encoder.offload(device)
+        else:
+            text_encoder.to(device)
         return cls(
             transformer.to(device, dtype).eval(),
-            text_encoder.to(device),
+            text_encoder,
             vae,
             generation_config,
             default_size,

@@ -17,13 +17,16 @@ import logging
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from .offload import HostOffload
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
@@ -256,10 +259,12 @@ class TextEncoder:
         self.text_len = text_len
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._offload: HostOffload | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.model.shared.weight.device
+        """Where prompts are encoded and embeddings returned (also when the weights wait on the host)."""
+        return self._offload.device if self._offload is not None else self.model.shared.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -271,8 +276,17 @@ class TextEncoder:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TextEncoder:
         """Move (and/or cast) the encoder in place; drops the cache, whose tensors live on the old device."""
+        self._offload = None
         self.model.to(device=device, dtype=dtype)
         self._cache.clear()
+        return self
+
+    def offload(self, device: str | torch.device) -> TextEncoder:
+        """Low-memory mode: weights wait in pinned host memory and visit `device` only to encode a batch
+        of new prompts (umT5-XXL: 11 GB in bf16, copied in well under a second); embeddings are returned
+        on `device`."""
+        self._cache.clear()
+        self._offload = HostOffload(self.model, device)
         return self
 
     # -- loading -------------------------------------------------------------------------------------------
@@ -411,12 +425,22 @@ class TextEncoder:
 
         # 2. Encode [B, text_len] -> [B, text_len, d_model]. Padding keys are masked out, so the real
         # rows do not depend on how much padding there is.
-        hidden = self.model(
-            input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device)
-        ).last_hidden_state
+        device = self.device
+        with self._weights_on_device() as model:
+            hidden = model(
+                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+            ).last_hidden_state
 
         # 3. Cut each row to its real tokens; clone so the cache does not keep the padded batch alive.
         return [h[:n].to(self.dtype).clone() for h, n in zip(hidden, lengths, strict=True)]
+
+    @contextmanager
+    def _weights_on_device(self) -> Iterator[UMT5EncoderModel]:
+        if self._offload is None:
+            yield self.model
+        else:
+            with self._offload.on_device() as model:
+                yield model
 
     def _warn_if_truncated(self, text: str) -> None:
         n = len(self.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])

@@ -137,6 +137,20 @@ def test_to_casts_and_drops_the_cache():
     torch.testing.assert_close(again.float(), first, atol=1e-5, rtol=1e-5)
 
 
+def test_offloaded_encoder_lends_its_weights_only_while_encoding():
+    enc = TextEncoder.tiny_random()
+    expected = enc.encode("a red cat")
+    offloaded = TextEncoder.tiny_random().offload("cpu")
+    host_pointer = offloaded.model.shared.weight.data_ptr()
+    seen = []
+    offloaded.model.register_forward_hook(lambda m, i, o: seen.append(m.shared.weight.data))
+    torch.testing.assert_close(offloaded.encode("a red cat"), expected, atol=0, rtol=0)
+    assert len(seen) == 1 and offloaded.device == torch.device("cpu")
+    assert offloaded.model.shared.weight.data_ptr() == host_pointer  # back on the host copy after the visit
+    assert offloaded.model.encoder.embed_tokens.weight is offloaded.model.shared.weight  # still tied
+    assert not torch.equal(offloaded.encode("a blue dog"), expected[: len(offloaded.encode("a blue dog"))])
+
+
 def test_encode_many_batches_misses_once_and_matches_single():
     enc = TextEncoder.tiny_random()
     calls = count_forwards(enc)
