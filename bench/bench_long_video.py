@@ -71,7 +71,7 @@ def run_phase(
 ) -> Phase:
     """`sessions` sessions of `blocks` blocks from latent frame `first_frame`, in step; times every step."""
     phase = Phase()
-    ids = [f"s{i}-{first_frame}" for i in range(sessions)]
+    ids = [f"s{i}-{first_frame}-{blocks}" for i in range(sessions)]
     start = time.perf_counter()
     for i, sid in enumerate(ids):
         engine.add_session(sid, prompts[0], seed=i, num_blocks=blocks, first_frame=first_frame)
@@ -117,16 +117,10 @@ def main() -> None:
     engine = Engine(model, GenerationConfig(), LATENT_SIZE, max_sessions=args.sessions, runtime=runtime)
     prompts = [torch.randn(40, model.config.text_dim, device="cuda") for _ in range(2)]
 
-    # Warm-up session: compiles / autotunes every shape (first blocks, full window, recache).
-    engine.add_session("warm", prompts[0], num_blocks=7)
-    warm_stream = decoder.new_stream()
-    for b in range(7):
-        if b == 5:
-            engine.set_prompt("warm", prompts[1])
-        with torch.no_grad():
-            decode(warm_stream, engine.step()["warm"][None].to(torch.bfloat16), args.low_memory)
-    engine.step()  # the warm session leaves
-    del warm_stream
+    # Warm-up: as many sessions as measured, so every shape (first blocks, full window, recache, batch
+    # size) is compiled and autotuned before the clock and the memory peak start.
+    warm = run_phase(engine, decoder, prompts, args.sessions, 7, {5}, {}, 0, args.low_memory)
+    print(f"# warm-up done, first block {warm.first_frame:.1f} s", flush=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
 
