@@ -1,0 +1,344 @@
+"""LiveHost: many live sessions on one Engine, paced to playback, each with a bounded chunk buffer.
+
+The object a Generator replica wraps (and tests use without Ray). One thread owns the engine and calls
+`run_once()` in a loop; other threads only queue commands (open, prompt, close) and read chunks, so the
+engine is never touched concurrently. Commands apply at the next block boundary.
+
+Pacing: a live session is generated at most `lead_seconds` ahead of its playback clock (which starts
+when its first block is out), so a prompt posted now shows up on screen within about a block. A slow
+client never stalls the others: its buffer keeps the newest `buffer_blocks` blocks and drops older ones.
+`playback_speed=0` turns pacing off (batch work runs as fast as the device allows).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .engine import Engine
+from .pipeline import VAE_STRIDE, LongLivePipeline, to_uint8_frames
+from .schedule import FPS, blocks_for_seconds, video_frames
+
+
+class CapacityError(RuntimeError):
+    """The host runs as many sessions as it may."""
+
+
+class UnknownSessionError(KeyError):
+    """No such session on this host (never opened, or ended and forgotten)."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One block of video for one session."""
+
+    block: int  # block index in the session
+    first_frame: int  # index of its first video frame in the session's video
+    frames: np.ndarray  # uint8 [n, H, W, 3]
+    prompt: int  # index into the session's prompt timeline of the prompt it was made under
+
+
+@dataclass
+class PromptEntry:
+    """A prompt of a session's timeline: when it was posted and the block it took effect at."""
+
+    prompt: str
+    posted_at: float
+    block: int | None = None  # None until applied (the next block boundary)
+    applied_at: float | None = None
+
+
+@dataclass
+class LiveSession:
+    session_id: str
+    seed: int
+    num_blocks: int | None
+    prompts: list[PromptEntry]
+    buffer: deque[Chunk]
+    decoder_stream: object = None
+    blocks_done: int = 0
+    frames_done: int = 0
+    playback_start: float | None = None  # clock time of its first block
+    last_read: float = 0.0
+    dropped_blocks: int = 0
+    finished: bool = False
+    joined: bool = False
+    error: str | None = None
+    waiting: list[int] = field(default_factory=list)  # timeline indices posted, not yet applied
+
+
+class LiveHost:
+    def __init__(
+        self,
+        pipe: LongLivePipeline,
+        max_sessions: int,
+        size: tuple[int, int] | None = None,
+        lead_seconds: float = 1.5,
+        buffer_blocks: int = 16,
+        idle_timeout_s: float = 60.0,
+        playback_speed: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        if playback_speed < 0:
+            raise ValueError(f"playback_speed must be >= 0 (0: unpaced), got {playback_speed}")
+        self.pipe = pipe
+        self.width, self.height = pipe.check_size(size)
+        # Live sessions are open-ended: relative RoPE, as the reference's 'infinity' config.
+        self.config = pipe.generation_config.with_(rope_mode="relative")
+        latent_size = (self.height // VAE_STRIDE, self.width // VAE_STRIDE)
+        self.engine = Engine(pipe.transformer, self.config, latent_size, max_sessions, runtime=pipe.runtime)
+        self.max_sessions = max_sessions
+        self.lead_seconds = lead_seconds
+        self.buffer_blocks = buffer_blocks
+        self.idle_timeout_s = idle_timeout_s
+        self.playback_speed = playback_speed
+        self.clock = clock
+        self.sessions: dict[str, LiveSession] = {}
+        self._commands: deque[Callable[[], None]] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # commands queued / chunks produced
+
+    # -- requests (any thread) ---------------------------------------------------------------------
+    @property
+    def load(self) -> int:
+        """Sessions that hold or will hold a cache slot."""
+        with self._lock:
+            return sum(not s.finished for s in self.sessions.values())
+
+    def open(self, session_id: str, prompt: str, seed: int = 0, max_seconds: float | None = None) -> None:
+        """Queue a new session; raises CapacityError when the host is full, ValueError on bad input."""
+        if not prompt or not prompt.strip():
+            raise ValueError("prompt must not be empty")
+        num_blocks = None
+        if max_seconds is not None:
+            if max_seconds <= 0:
+                raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+            num_blocks = blocks_for_seconds(max_seconds, self.config.block_frames)
+        now = self.clock()
+        with self._lock:
+            if session_id in self.sessions:
+                raise ValueError(f"session {session_id!r} exists")
+            if sum(not s.finished for s in self.sessions.values()) >= self.max_sessions:
+                raise CapacityError(f"host runs its maximum of {self.max_sessions} sessions")
+            session = LiveSession(
+                session_id, seed, num_blocks, [PromptEntry(prompt, now, block=0)], deque(), last_read=now
+            )
+            self.sessions[session_id] = session
+            self._commands.append(lambda: self._join(session))
+            self._wake.notify_all()
+
+    def post_prompt(self, session_id: str, prompt: str) -> int:
+        """Queue a prompt switch; returns its index in the session's timeline."""
+        if not prompt or not prompt.strip():
+            raise ValueError("prompt must not be empty")
+        with self._lock:
+            session = self._get(session_id)
+            if session.finished:
+                raise ValueError(f"session {session_id!r} has ended")
+            session.prompts.append(PromptEntry(prompt, self.clock()))
+            index = len(session.prompts) - 1
+            session.waiting.append(index)
+            self._wake.notify_all()
+            return index
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            session = self._get(session_id)
+            if not session.finished:
+                session.finished = True
+                self._commands.append(lambda: self._leave(session))
+            self._wake.notify_all()
+
+    def next_chunk(self, session_id: str, timeout: float | None = None) -> Chunk | None:
+        """The session's oldest buffered block; None once it has ended and its buffer is empty.
+        Raises TimeoutError when nothing arrives within `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            session = self._get(session_id)
+            while True:
+                session.last_read = self.clock()
+                if session.buffer:
+                    return session.buffer.popleft()
+                if session.finished:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no block of session {session_id!r} within {timeout} s")
+                self._wake.wait(remaining)
+
+    def status(self, session_id: str) -> dict:
+        with self._lock:
+            s = self._get(session_id)
+            return {
+                "session_id": s.session_id,
+                "state": _state(s),
+                "blocks_done": s.blocks_done,
+                "frames_done": s.frames_done,
+                "buffered_blocks": len(s.buffer),
+                "dropped_blocks": s.dropped_blocks,
+                "seed": s.seed,
+                "error": s.error,
+                "prompts": [
+                    {
+                        "prompt": p.prompt,
+                        "block": p.block,
+                        "posted_at": p.posted_at,
+                        "applied_at": p.applied_at,
+                    }
+                    for p in s.prompts
+                ],
+            }
+
+    def forget(self, session_id: str) -> None:
+        """Drop an ended session's record."""
+        with self._lock:
+            if self._get(session_id).finished:
+                del self.sessions[session_id]
+
+    # -- the engine thread -------------------------------------------------------------------------
+    def run_once(self, max_wait: float = 0.05) -> bool:
+        """Apply queued commands, then make one block for every session if any of them is due.
+        Waits up to `max_wait` seconds for work; returns whether a block step ran."""
+        with self._lock:
+            if not self._commands and not self._any_due():
+                self._wake.wait(min(max_wait, self._seconds_until_due()))
+            self._close_idle()
+            commands, self._commands = list(self._commands), deque()
+            switches = self._take_prompt_switches()
+        for command in commands:
+            command()
+        for session, index in switches:
+            embeds = self.pipe.text_encoder.encode(session.prompts[index].prompt)
+            self.engine.set_prompt(session.session_id, embeds)
+        with self._lock:
+            if not self._any_due():
+                return False
+        with torch.no_grad():
+            latents = self.engine.step()
+        self._deliver(latents)
+        return True
+
+    def warm_up(self, blocks: int = 6) -> None:
+        """Run a throwaway session through first blocks, a full window and a recache (compiles, autotunes)."""
+        speed, self.playback_speed = self.playback_speed, 0.0
+        try:
+            self.open("__warm_up__", "warm up", max_seconds=None)
+            for b in range(blocks):
+                if b == blocks - 2:
+                    self.post_prompt("__warm_up__", "warm up, switched")
+                self.run_once()
+            self.close("__warm_up__")
+            self.run_once()
+            self.forget("__warm_up__")
+        finally:
+            self.playback_speed = speed
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _get(self, session_id: str) -> LiveSession:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise UnknownSessionError(session_id) from None
+
+    def _join(self, session: LiveSession) -> None:
+        if session.finished:
+            return
+        embeds = self.pipe.text_encoder.encode(session.prompts[0].prompt)
+        self.engine.add_session(session.session_id, embeds, seed=session.seed, num_blocks=session.num_blocks)
+        session.decoder_stream = self.pipe.vae.new_stream()
+        session.joined = True
+
+    def _leave(self, session: LiveSession) -> None:
+        if session.joined:
+            self.engine.remove_session(session.session_id)
+            session.joined = False
+        session.decoder_stream = None
+
+    def _playback_due(self, session: LiveSession, now: float) -> bool:
+        if self.playback_speed == 0 or session.playback_start is None:
+            return True
+        played = (now - session.playback_start) * self.playback_speed
+        return video_frames(session.blocks_done * self.config.block_frames) / FPS < played + self.lead_seconds
+
+    def _any_due(self) -> bool:
+        now = self.clock()
+        return any(s.joined and not s.finished and self._playback_due(s, now) for s in self.sessions.values())
+
+    def _seconds_until_due(self) -> float:
+        waits = []
+        for s in self.sessions.values():
+            if s.joined and not s.finished and s.playback_start is not None and self.playback_speed:
+                ahead = video_frames(s.blocks_done * self.config.block_frames) / FPS - self.lead_seconds
+                waits.append(s.playback_start + ahead / self.playback_speed - self.clock())
+        return max(0.0, min(waits, default=3600.0))
+
+    def _take_prompt_switches(self) -> list[tuple[LiveSession, int]]:
+        """The latest waiting prompt of each joined session (earlier ones are superseded: one recache)."""
+        switches = []
+        for s in self.sessions.values():
+            if s.joined and not s.finished and s.waiting:
+                index = s.waiting[-1]
+                for skipped in s.waiting[:-1]:
+                    s.prompts[skipped].block = -1  # superseded before any block was made under it
+                s.waiting.clear()
+                s.prompts[index].block = s.blocks_done
+                s.prompts[index].applied_at = self.clock()
+                switches.append((s, index))
+        return switches
+
+    def _close_idle(self) -> None:
+        now = self.clock()
+        for s in self.sessions.values():
+            if not s.finished and s.playback_start is not None and now - s.last_read > self.idle_timeout_s:
+                s.finished = True
+                s.error = f"closed: no client read for {self.idle_timeout_s:g} s"
+                self._commands.append(lambda s=s: self._leave(s))
+
+    def _deliver(self, latents: dict[str, torch.Tensor]) -> None:
+        decoded = {}
+        for sid, block in latents.items():
+            session = self.sessions.get(sid)
+            if session is None or session.decoder_stream is None:
+                continue
+            with torch.no_grad():
+                video = session.decoder_stream.decode(block[None].to(self.pipe.vae_dtype))
+            decoded[sid] = to_uint8_frames(video)
+        now = self.clock()
+        with self._lock:
+            for sid, frames in decoded.items():
+                s = self.sessions[sid]
+                applied = [
+                    i
+                    for i, p in enumerate(s.prompts)
+                    if p.block is not None and 0 <= p.block <= s.blocks_done
+                ]
+                chunk = Chunk(s.blocks_done, s.frames_done, frames, max(applied, default=0))
+                if len(s.buffer) >= self.buffer_blocks:
+                    s.buffer.popleft()
+                    s.dropped_blocks += 1
+                s.buffer.append(chunk)
+                s.blocks_done += 1
+                s.frames_done += len(frames)
+                if s.playback_start is None:
+                    s.playback_start = now
+                if s.num_blocks is not None and s.blocks_done >= s.num_blocks:
+                    s.finished = True
+                    s.joined = False  # the engine drops it at its last block
+                    s.decoder_stream = None
+            self._wake.notify_all()
+
+
+def _state(session: LiveSession) -> str:
+    if session.error:
+        return "error"
+    if session.finished:
+        return "ended"
+    return "live" if session.joined else "queued"

@@ -1,0 +1,126 @@
+"""LiveHost: several live sessions on one engine give the frames of the single-session pipeline."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from longlive_core.live import CapacityError, LiveHost, UnknownSessionError
+from longlive_core.pipeline import LongLivePipeline
+
+SIZE = (48, 32)
+RED, FOREST, SEA = "a red robot in a rainy city", "the robot walks into a forest", "a boat on a calm sea"
+
+
+@pytest.fixture(scope="module")
+def pipe() -> LongLivePipeline:
+    return LongLivePipeline.from_pretrained("tiny-random", device="cpu")
+
+
+def pipeline_video(pipe, prompt: str, seed: int, blocks: int, switch: tuple[int, str] | None) -> np.ndarray:
+    stream = pipe.stream(prompt, seconds=None, seed=seed, size=SIZE)  # open-ended: relative RoPE
+    chunks = []
+    for chunk in stream:
+        chunks.append(chunk)
+        if switch is not None and stream.blocks_done == switch[0]:
+            stream.set_prompt(switch[1])
+        if len(chunks) == blocks:
+            return np.concatenate(chunks)
+    raise AssertionError("stream ended early")
+
+
+def test_batched_live_sessions_equal_the_pipeline_with_the_same_switches(pipe):
+    host = LiveHost(pipe, max_sessions=3, size=SIZE, playback_speed=0)
+    host.open("a", RED, seed=4)
+    host.open("b", SEA, seed=9)
+    chunks_a, chunks_b = [], []
+    while len(chunks_a) < 5:
+        host.run_once()
+        chunks_a.append(host.next_chunk("a", timeout=5))
+        chunks_b.append(host.next_chunk("b", timeout=5))
+        if len(chunks_a) == 2:
+            host.post_prompt("a", FOREST)
+    timeline = host.status("a")["prompts"]
+    assert [(p["prompt"], p["block"]) for p in timeline] == [(RED, 0), (FOREST, 2)]
+    assert [c.prompt for c in chunks_a] == [0, 0, 1, 1, 1] and [c.block for c in chunks_a] == list(range(5))
+    live_a = np.concatenate([c.frames for c in chunks_a])
+    live_b = np.concatenate([c.frames for c in chunks_b])
+    expected_a = pipeline_video(pipe, RED, 4, 5, (2, FOREST))
+    expected_b = pipeline_video(pipe, SEA, 9, 5, None)
+    assert np.abs(live_a.astype(int) - expected_a).max() <= 1
+    assert np.abs(live_b.astype(int) - expected_b).max() <= 1
+    unswitched = pipeline_video(pipe, RED, 4, 5, None)
+    assert np.abs(unswitched[21:].astype(int) - live_a[21:]).max() > 1  # control: the switch shows
+
+
+def test_capacity_unknown_sessions_and_bad_input(pipe):
+    host = LiveHost(pipe, max_sessions=1, size=SIZE, playback_speed=0)
+    host.open("a", RED)
+    with pytest.raises(CapacityError):
+        host.open("b", RED)
+    with pytest.raises(UnknownSessionError):
+        host.post_prompt("nope", RED)
+    with pytest.raises(ValueError, match="empty"):
+        host.post_prompt("a", "  ")
+    with pytest.raises(ValueError, match="exists"):
+        host.open("a", RED)
+    host.close("a")
+    host.run_once()
+    assert host.next_chunk("a", timeout=1) is None and host.status("a")["state"] == "ended"
+    host.open("b", RED)  # the slot is free again
+
+
+def test_duration_limit_ends_the_session_and_frees_its_slot(pipe):
+    host = LiveHost(pipe, max_sessions=1, size=SIZE, playback_speed=0)
+    host.open("a", RED, max_seconds=1.0)  # 16 frames -> 2 blocks (21 frames)
+    frames = 0
+    while host.status("a")["state"] != "ended":
+        host.run_once()
+    while (chunk := host.next_chunk("a", timeout=1)) is not None:
+        frames += len(chunk.frames)
+    assert frames == 21 and host.load == 0
+
+
+def test_pacing_keeps_generation_just_ahead_of_playback(pipe):
+    now = [0.0]
+    host = LiveHost(pipe, max_sessions=1, size=SIZE, lead_seconds=1.0, clock=lambda: now[0])
+    host.open("a", RED)
+    for _ in range(6):
+        host.run_once(max_wait=0)
+    # t=0: blocks until the buffered video (9, 21, ... frames at 16 fps) covers 1 s of lead.
+    assert host.status("a")["blocks_done"] == 2  # 21 frames = 1.31 s >= 1 s
+    now[0] = 3.0  # 3 s later: 3 s played + 1 s lead = 4 s = 64 frames -> 6 blocks (69 frames)
+    for _ in range(10):
+        host.run_once(max_wait=0)
+    assert host.status("a")["blocks_done"] == 6
+
+
+def test_slow_client_loses_old_blocks_not_the_others_progress(pipe):
+    host = LiveHost(pipe, max_sessions=2, size=SIZE, playback_speed=0, buffer_blocks=2)
+    host.open("slow", RED)
+    host.open("fast", SEA)
+    got = []
+    for _ in range(5):
+        host.run_once()
+        got.append(host.next_chunk("fast", timeout=1).block)
+    status = host.status("slow")
+    assert got == list(range(5)) and status["buffered_blocks"] == 2 and status["dropped_blocks"] == 3
+    assert host.next_chunk("slow", timeout=1).block == 3
+
+
+def test_engine_thread_and_reader_threads(pipe):
+    host = LiveHost(pipe, max_sessions=1, size=SIZE, playback_speed=0)
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: [host.run_once() for _ in iter(stop.is_set, True)], daemon=True)
+    thread.start()
+    try:
+        host.open("a", RED, max_seconds=2)
+        blocks = []
+        while (chunk := host.next_chunk("a", timeout=30)) is not None:
+            blocks.append(chunk.block)
+        assert blocks == [0, 1, 2]
+    finally:
+        stop.set()
+        thread.join(5)
