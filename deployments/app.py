@@ -1,0 +1,15 @@
+"""The application builder that `serve run serve_config.yaml` and `longlive serve` both use."""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from .config import ServiceConfig
+from .generator import generator_deployment
+from .ingress import Ingress
+
+
+def build_app(args: dict) -> Application:
+    config = ServiceConfig(**args)
+    generator = generator_deployment(config).bind(config.model_dump())
+    return Ingress.bind(generator, config.model_dump())

@@ -1,0 +1,24 @@
+"""The service's one config object (serve_config.yaml `args`, or `longlive serve` flags)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ServiceConfig(BaseModel):
+    model: str = "tiny-random"
+    device: str | None = Field(None, description="cuda / cpu; default: cuda when available")
+    size: tuple[int, int] | None = Field(None, description="(width, height); default: the model's")
+    compile: bool = False
+    low_memory: bool = False
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    num_replicas: int = Field(1, ge=1)
+    max_sessions: int = Field(2, ge=1, description="sessions per replica: the replica's capacity")
+    replica_gpus: float = Field(0, ge=0, description="1 on GPU machines")
+    replica_cpus: float = Field(0.25, ge=0)
+    lead_seconds: float = Field(1.5, gt=0, description="how far generation may run ahead of playback")
+    buffer_blocks: int = Field(16, ge=1, description="blocks buffered per session before old ones drop")
+    idle_timeout_s: float = Field(60, gt=0, description="a session nobody reads for this long ends")
+    playback_speed: float = Field(1.0, ge=0, description="pacing: 1 = real time, 0 = unpaced")
+    graceful_shutdown_timeout_s: float = Field(300, ge=0, description="drain time; above the longest session")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After on 503 when every replica is full")

@@ -1,0 +1,129 @@
+"""Ingress: the session API on FastAPI (CPU). Parses, checks the token, calls the Generator's handle
+with the session id (the router pins it to its replica), encodes; prompt events go to Redis only."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import FastAPI, Header, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from .config import ServiceConfig
+from .generator import ReplicaFull, SessionNotHere
+from .schemas import CreateSession, PostPrompt, Problem, PromptPosted, SessionCreated, SessionStatus
+from .store import SessionStore, token_matches
+
+app = FastAPI(title="longlive", description="Real-time interactive long text-to-video (LongLive)")
+ERRORS = {403: {"model": Problem}, 404: {"model": Problem}, 503: {"model": Problem}}
+
+
+def bearer(authorization: str | None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=500)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, generator: DeploymentHandle, config: dict):
+        self.generator = generator
+        self.config = ServiceConfig(**config)
+        self.store = SessionStore(self.config.redis_url)
+
+    def _session(self, session_id: str, stream: bool = False) -> DeploymentHandle:
+        return self.generator.options(session_id=session_id, stream=stream)
+
+    async def _authorize(self, session_id: str, token: str | None) -> dict:
+        record = await self.store.get(session_id)
+        if record is None:
+            raise HTTPException(404, f"no session {session_id}")
+        if not token_matches(record, token):
+            raise HTTPException(403, "wrong or missing session token")
+        return record
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        # Generator replicas are only routed to once their constructor (load + warm-up) finished.
+        try:
+            await self.store.ping()
+            info = await self.generator.info.remote()
+        except Exception as err:  # noqa: BLE001 - readiness reports any failure as not ready
+            return JSONResponse({"status": "not ready", "detail": type(err).__name__}, status_code=503)
+        return JSONResponse({"status": "ready", **info})
+
+    @app.post("/v1/sessions", status_code=201, response_model=SessionCreated, responses=ERRORS)
+    async def create(self, body: CreateSession, request: Request) -> SessionCreated:
+        session_id, token = secrets.token_urlsafe(16), secrets.token_urlsafe(24)
+        await self.store.create(session_id, token, body.seed)
+        try:
+            result = await self._session(session_id).create.remote(
+                session_id, body.prompt, body.seed, body.max_seconds
+            )
+        except ReplicaFull:
+            await self.store.delete(session_id)
+            raise HTTPException(
+                503, "every replica is at capacity", headers={"Retry-After": str(self.config.retry_after_s)}
+            ) from None
+        base = str(request.base_url).rstrip("/")
+        return SessionCreated(
+            session_id=session_id,
+            token=token,
+            stream_url=f"{base}/v1/sessions/{session_id}/video.mp4",
+            websocket_url=f"{base.replace('http', 'ws', 1)}/v1/sessions/{session_id}/stream",
+            replica=result["replica"],
+        )
+
+    @app.get("/v1/sessions/{session_id}", response_model=SessionStatus, responses=ERRORS)
+    async def status(self, session_id: str, authorization: str | None = Header(None)) -> dict:
+        await self._authorize(session_id, bearer(authorization))
+        try:
+            return await self._session(session_id).status.remote(session_id)
+        except SessionNotHere:
+            raise HTTPException(404, f"session {session_id} is not running") from None
+
+    @app.post(
+        "/v1/sessions/{session_id}/prompts", status_code=202, response_model=PromptPosted, responses=ERRORS
+    )
+    async def post_prompt(
+        self, session_id: str, body: PostPrompt, authorization: str | None = Header(None)
+    ) -> PromptPosted:
+        await self._authorize(session_id, bearer(authorization))
+        return PromptPosted(event_id=await self.store.post_prompt(session_id, body.prompt))
+
+    @app.delete("/v1/sessions/{session_id}", status_code=204, responses=ERRORS)
+    async def end(self, session_id: str, authorization: str | None = Header(None)) -> None:
+        await self._authorize(session_id, bearer(authorization))
+        try:
+            await self._session(session_id).end.remote(session_id)
+        except SessionNotHere:
+            pass  # already gone: ending is idempotent
+
+    @app.get("/v1/sessions/{session_id}/video.mp4", responses=ERRORS)
+    async def video(
+        self, session_id: str, authorization: str | None = Header(None), token: str | None = Query(None)
+    ) -> StreamingResponse:
+        """The live video as one chunked fragmented MP4 (a fragment per block)."""
+        await self._authorize(session_id, bearer(authorization) or token)
+        chunks = self._session(session_id, stream=True).stream.remote(session_id, "mp4")
+        return StreamingResponse(chunks, media_type="video/mp4")
+
+    @app.websocket("/v1/sessions/{session_id}/stream")
+    async def websocket(self, ws: WebSocket, session_id: str, token: str | None = None, format: str = "mp4"):
+        record = await self.store.get(session_id)
+        if record is None or not token_matches(record, token) or format not in ("mp4", "jpeg"):
+            await ws.close(code=4403 if record is not None else 4404)
+            return
+        await ws.accept()
+        try:
+            async for chunk in self._session(session_id, stream=True).stream.remote(session_id, format):
+                await ws.send_bytes(chunk)
+            await ws.close()
+        except WebSocketDisconnect:
+            pass

@@ -1,0 +1,53 @@
+"""Sticky sessions: every request of a session goes to the replica that holds its KV cache.
+
+A custom Ray Serve RequestRouter with an explicit session -> replica table in Redis (hard pins), chosen
+over `ConsistentHashRouter`, which moves sessions to a new replica when one is added (their caches would
+be lost). A session's first request (create) goes to the least-loaded replica by live sessions (each
+replica publishes its load in Redis), not where a hash puts it. The router runs in every process that
+holds a handle to the Generator (each ingress replica), so all of them share the table.
+"""
+
+from __future__ import annotations
+
+from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from .store import SessionStore
+
+
+class SessionRouter(RequestRouter):
+    # The base routing loop can pop a pending request and exit without routing it when requests are
+    # pinned one-to-one; Ray's ConsistentHashRouter overrides the loop for exactly that: reuse it.
+    _fulfill_pending_requests = ConsistentHashRouter._fulfill_pending_requests
+
+    def initialize_state(self, redis_url: str = "redis://127.0.0.1:6379/0") -> None:
+        self.redis_url = redis_url
+        self._store: SessionStore | None = None  # made on the router's own event loop
+        self._owners: dict[str, str] = {}  # session -> replica id, as read from the table
+
+    @property
+    def store(self) -> SessionStore:
+        if self._store is None:
+            self._store = SessionStore(self.redis_url)
+        return self._store
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        session_id = pending_request.metadata.session_id if pending_request is not None else None
+        if not session_id:
+            return [candidate_replicas]
+        pending_request.routing_context.should_backoff = True
+        by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
+        owner = self._owners.get(session_id) or await self.store.owner(session_id)
+        if owner is None:
+            owner = await self.store.claim(session_id, await self._least_loaded(by_id))
+        self._owners[session_id] = owner
+        if owner in by_id:
+            return [[by_id[owner]]]
+        # The owner is gone (replica died or was removed): any replica answers that it lacks the session.
+        return [candidate_replicas]
+
+    async def _least_loaded(self, by_id: dict[str, RunningReplica]) -> str:
+        loads = await self.store.loads()
+        return min(by_id, key=lambda rid: (loads.get(rid, 0), rid))

@@ -1,0 +1,103 @@
+"""What the service keeps in Redis: session records, the session -> replica table, replica loads and
+each session's prompt-event stream (`session:{id}:events`, its durable log)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+
+SESSION = "session:{}"  # hash: token_sha256, replica, seed, created_at
+EVENTS = "session:{}:events"  # stream of {"type": "prompt", "prompt": ...}
+LOAD = "replica_load"  # hash: replica id -> live sessions
+EVENTS_MAXLEN = 1000
+SESSION_TTL_S = 24 * 3600
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_matches(record: dict, token: str | None) -> bool:
+    return token is not None and hmac.compare_digest(record.get("token_sha256", ""), token_digest(token))
+
+
+class SessionStore:
+    """Async access (redis.asyncio) for the ingress and the router."""
+
+    def __init__(self, redis_url: str):
+        import redis.asyncio as aioredis
+
+        self.redis = aioredis.from_url(redis_url, decode_responses=True)
+
+    async def create(self, session_id: str, token: str, seed: int) -> None:
+        key = SESSION.format(session_id)
+        record = {"token_sha256": token_digest(token), "seed": seed, "created_at": time.time()}
+        await self.redis.hset(key, mapping=record)
+        await self.redis.expire(key, SESSION_TTL_S)
+
+    async def get(self, session_id: str) -> dict | None:
+        record = await self.redis.hgetall(SESSION.format(session_id))
+        return record or None
+
+    async def owner(self, session_id: str) -> str | None:
+        return await self.redis.hget(SESSION.format(session_id), "replica")
+
+    async def claim(self, session_id: str, replica_id: str) -> str:
+        """Assign the session to `replica_id` unless it has an owner already; returns the owner."""
+        await self.redis.hsetnx(SESSION.format(session_id), "replica", replica_id)
+        return await self.owner(session_id)
+
+    async def loads(self) -> dict[str, int]:
+        return {k: int(v) for k, v in (await self.redis.hgetall(LOAD)).items()}
+
+    async def post_prompt(self, session_id: str, prompt: str) -> str:
+        event = {"type": "prompt", "prompt": prompt, "posted_at": repr(time.time())}
+        return await self.redis.xadd(EVENTS.format(session_id), event, maxlen=EVENTS_MAXLEN, approximate=True)
+
+    async def delete(self, session_id: str) -> None:
+        await self.redis.delete(SESSION.format(session_id), EVENTS.format(session_id))
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+
+class ReplicaEvents:
+    """Sync access for a Generator replica's engine thread: its load, and its sessions' new events."""
+
+    def __init__(self, redis_url: str, replica_id: str):
+        import redis
+
+        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.replica_id = replica_id
+        self.positions: dict[str, str] = {}  # session -> last event id read
+
+    def follow(self, session_id: str) -> None:
+        self.positions[session_id] = "0-0"  # replay the whole log: nothing posted early is lost
+
+    def unfollow(self, session_id: str) -> None:
+        self.positions.pop(session_id, None)
+
+    def set_load(self, sessions: int) -> None:
+        self.redis.hset(LOAD, self.replica_id, sessions)
+
+    def clear_load(self) -> None:
+        self.redis.hdel(LOAD, self.replica_id)
+
+    def poll(self) -> list[tuple[str, dict]]:
+        """New events of the followed sessions, oldest first, without blocking."""
+        if not self.positions:
+            return []
+        streams = {EVENTS.format(sid): pos for sid, pos in self.positions.items()}
+        found = []
+        for stream, entries in self.redis.xread(streams) or []:
+            session_id = stream[len("session:") : -len(":events")]
+            for event_id, fields in entries:
+                self.positions[session_id] = event_id
+                found.append((session_id, fields))
+        return found
+
+
+def dumps(data: dict) -> str:
+    return json.dumps(data, separators=(",", ":"))
