@@ -1,8 +1,6 @@
 """Ingress: the session API on FastAPI (CPU). Parses, checks the token, calls the Generator's handle
 with the session id (the router pins it to its replica), encodes; prompt events go to Redis only."""
 
-from __future__ import annotations
-
 import secrets
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
