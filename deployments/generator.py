@@ -66,9 +66,10 @@ class Generator:
         try:
             self.host.open(session_id, prompt, seed=seed, max_seconds=max_seconds)
         except CapacityError as err:
+            self.events.set_load(self.host.load)  # so the retry's routing sees this replica as full
             raise ReplicaFull(str(err)) from None
         self.events.follow(session_id)
-        self.events.set_load(self.host.load)
+        self.events.set_load(self.host.load)  # at once, before the next create is routed
         return {"replica": self.replica_id}
 
     async def status(self, session_id: str) -> dict:
@@ -117,6 +118,7 @@ class Generator:
             raise SessionNotHere(session_id) from None
 
     def _engine_loop(self) -> None:
+        published = -1
         while not self._stop.is_set():
             try:
                 for session_id, event in self.events.poll():
@@ -126,17 +128,14 @@ class Generator:
                         except (UnknownSessionError, ValueError) as err:
                             logger.warning("session %s: event not applied: %s", session_id, err)
                 self.host.run_once()
-                self._forget_ended()
+                for session_id in [sid for sid in self.events.positions if sid not in self.host.sessions]:
+                    self.events.unfollow(session_id)
+                if self.host.load != published:  # admission reads it: keep it current
+                    published = self.host.load
+                    self.events.set_load(published)
             except Exception:
-                logger.exception("engine step failed")
+                logger.exception("engine loop failed")
                 raise
-
-    def _forget_ended(self) -> None:
-        ended = [sid for sid, s in list(self.host.sessions.items()) if s.finished and not s.buffer]
-        for session_id in ended:
-            if session_id in self.events.positions:
-                self.events.unfollow(session_id)
-                self.events.set_load(self.host.load)
 
 
 def generator_deployment(config: ServiceConfig):

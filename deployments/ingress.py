@@ -1,6 +1,7 @@
 """Ingress: the session API on FastAPI (CPU). Parses, checks the token, calls the Generator's handle
 with the session id (the router pins it to its replica), encodes; prompt events go to Redis only."""
 
+import asyncio
 import secrets
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
@@ -14,6 +15,8 @@ from .schemas import CreateSession, PostPrompt, Problem, PromptPosted, SessionCr
 from .store import SessionStore, token_matches
 
 app = FastAPI(title="longlive", description="Real-time interactive long text-to-video (LongLive)")
+ADMISSION_ATTEMPTS = 5
+ADMISSION_BACKOFF_S = 0.05
 ERRORS = {403: {"model": Problem}, 404: {"model": Problem}, 503: {"model": Problem}}
 
 
@@ -58,17 +61,23 @@ class Ingress:
 
     @app.post("/v1/sessions", status_code=201, response_model=SessionCreated, responses=ERRORS)
     async def create(self, body: CreateSession, request: Request) -> SessionCreated:
-        session_id, token = secrets.token_urlsafe(16), secrets.token_urlsafe(24)
-        await self.store.create(session_id, token, body.seed)
-        try:
-            result = await self._session(session_id).create.remote(
-                session_id, body.prompt, body.seed, body.max_seconds
-            )
-        except ReplicaFull:
-            await self.store.delete(session_id)
+        # The router sends a new session to the least-loaded replica; if that one filled up meanwhile,
+        # try again under a fresh id (the router then sees the updated loads).
+        for _ in range(ADMISSION_ATTEMPTS):
+            session_id, token = secrets.token_urlsafe(16), secrets.token_urlsafe(24)
+            await self.store.create(session_id, token, body.seed)
+            try:
+                result = await self._session(session_id).create.remote(
+                    session_id, body.prompt, body.seed, body.max_seconds
+                )
+                break
+            except ReplicaFull:
+                await self.store.delete(session_id)
+                await asyncio.sleep(ADMISSION_BACKOFF_S)
+        else:
             raise HTTPException(
                 503, "every replica is at capacity", headers={"Retry-After": str(self.config.retry_after_s)}
-            ) from None
+            )
         base = str(request.base_url).rstrip("/")
         return SessionCreated(
             session_id=session_id,

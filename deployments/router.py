@@ -9,6 +9,8 @@ holds a handle to the Generator (each ingress replica), so all of them share the
 
 from __future__ import annotations
 
+import random
+
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
@@ -50,4 +52,5 @@ class SessionRouter(RequestRouter):
 
     async def _least_loaded(self, by_id: dict[str, RunningReplica]) -> str:
         loads = await self.store.loads()
-        return min(by_id, key=lambda rid: (loads.get(rid, 0), rid))
+        fewest = min(loads.get(rid, 0) for rid in by_id)
+        return random.choice([rid for rid in by_id if loads.get(rid, 0) == fewest])  # spread ties

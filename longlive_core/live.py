@@ -177,6 +177,7 @@ class LiveHost:
     def status(self, session_id: str) -> dict:
         with self._lock:
             s = self._get(session_id)
+            s.last_read = self.clock()
             return {
                 "session_id": s.session_id,
                 "state": _state(s),
@@ -295,9 +296,14 @@ class LiveHost:
         return switches
 
     def _close_idle(self) -> None:
+        """End sessions nobody reads; forget ended ones nobody asked about for as long."""
         now = self.clock()
-        for s in self.sessions.values():
-            if not s.finished and s.playback_start is not None and now - s.last_read > self.idle_timeout_s:
+        for s in list(self.sessions.values()):
+            if now - s.last_read <= self.idle_timeout_s:
+                continue
+            if s.finished and not s.joined:
+                del self.sessions[s.session_id]
+            elif not s.finished and s.playback_start is not None:
                 s.finished = True
                 s.error = f"closed: no client read for {self.idle_timeout_s:g} s"
                 self._commands.append(lambda s=s: self._leave(s))

@@ -1,33 +1,55 @@
-"""The session service on a real local Ray Serve with a real redis-server (tiny-random model, CPU)."""
+"""The session service on a real local Ray Serve with a real redis-server (tiny-random model, CPU).
+
+Deployed the way `serve run serve_config.yaml` does it (the shipped file, its args overridden for the
+test), so scaling is a config change that keeps the running replicas.
+"""
 
 from __future__ import annotations
 
 import io
+import time
+from pathlib import Path
 
 import av
 import httpx
 import numpy as np
 import pytest
+import redis
+import yaml
 
+from longlive_core.fmp4 import FragmentedMp4Encoder
+from longlive_core.pipeline import LongLivePipeline
 from tests.serving import free_port, redis_server, wait_ready
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-
-from deployments.app import build_app  # noqa: E402
+from ray.serve.context import _get_global_client  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 SIZE = (48, 32)
+CAPACITY = 6  # sessions per replica
+SPEED = 4.0  # playback clock at 4x real time: paced, but quick
+RED, FOREST = "a red robot in a rainy city", "the robot walks into a forest"
+CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
 
-def app_args(redis_url: str, replicas: int) -> dict:
-    return {
-        "redis_url": redis_url,
-        "num_replicas": replicas,
-        "max_sessions": 12,
-        "size": SIZE,
-        "playback_speed": 0,  # unpaced: tests run faster than real time
-        "graceful_shutdown_timeout_s": 1,
-    }
+def deploy(redis_url: str, replicas: int) -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    app = config["applications"][0]
+    app["args"].update(
+        redis_url=redis_url,
+        max_sessions=CAPACITY,
+        size=list(SIZE),
+        playback_speed=SPEED,
+        graceful_shutdown_timeout_s=1,
+        idle_timeout_s=30,
+    )
+    app["deployments"][0]["num_replicas"] = replicas
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)
+
+
+def generator_replicas() -> int:
+    return serve.status().applications["longlive"].deployments["Generator"].replica_states.get("RUNNING", 0)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +58,7 @@ def service(tmp_path_factory):
         ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(app_args(redis_url, 2)), name="longlive", route_prefix="/")
+        deploy(redis_url, 2)
         base = f"http://127.0.0.1:{port}"
         wait_ready(base)
         try:
@@ -46,25 +68,144 @@ def service(tmp_path_factory):
             ray.shutdown()
 
 
-def create(base: str, prompt: str = "a red robot in a rainy city", **body) -> httpx.Response:
+def create(base: str, prompt: str = RED, **body) -> httpx.Response:
     return httpx.post(f"{base}/v1/sessions", json={"prompt": prompt, **body}, timeout=60)
+
+
+def created(base: str, **body) -> dict:
+    response = create(base, **body)
+    assert response.status_code == 201, response.text
+    return response.json()
 
 
 def auth(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
 
-def test_a_session_streams_fmp4_that_decodes(service):
-    base = service["base"]
-    response = create(base, max_seconds=2)
-    assert response.status_code == 201, response.text
-    created = response.json()
-    with httpx.stream(
-        "GET", created["stream_url"], headers=auth(created["token"]), timeout=60
-    ) as response:
-        assert response.status_code == 200
-        data = b"".join(response.iter_bytes())
+def status(base: str, session: dict) -> dict:
+    response = httpx.get(
+        f"{base}/v1/sessions/{session['session_id']}", headers=auth(session["token"]), timeout=30
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_ended(base: str, session: dict, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while status(base, session)["state"] != "ended":
+        assert time.monotonic() < deadline, "session did not end"
+        time.sleep(0.05)
+
+
+def decode(data: bytes) -> np.ndarray:
     with av.open(io.BytesIO(data)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    assert len(frames) == 33 and frames[0].shape == (32, 48, 3)
-    assert np.std(frames[-1]) > 1
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_a_30_s_session_streams_every_frame(service):
+    session = created(service["base"], max_seconds=30)
+    with httpx.stream("GET", session["stream_url"], headers=auth(session["token"]), timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
+        data = b"".join(response.iter_bytes())
+    frames = decode(data)
+    assert frames.shape == (489, 32, 48, 3)  # 30 s = 480 frames -> 41 blocks = 9 + 40 x 12 frames
+    assert status(service["base"], session)["state"] == "ended"
+
+
+def test_served_frames_equal_the_pipeline_with_the_same_prompt_events(service):
+    base = service["base"]
+    session = created(base, seed=7, max_seconds=4)
+    chunks = []
+    with httpx.stream("GET", session["stream_url"], headers=auth(session["token"]), timeout=60) as response:
+        for chunk in response.iter_raw():
+            if not chunks:
+                posted = httpx.post(
+                    f"{base}/v1/sessions/{session['session_id']}/prompts",
+                    json={"prompt": FOREST},
+                    headers=auth(session["token"]),
+                    timeout=30,
+                )
+                assert posted.status_code == 202
+            chunks.append(chunk)
+    served = decode(b"".join(chunks))
+    timeline = status(base, session)["prompts"]
+    assert [p["prompt"] for p in timeline] == [RED, FOREST]
+    switch_block = timeline[1]["block"]
+    assert 1 <= switch_block <= 4  # within about a block or two of the post (pacing keeps the lead short)
+
+    pipe = LongLivePipeline.from_pretrained("tiny-random", device="cpu")
+
+    def reference(switch: bool) -> np.ndarray:
+        stream = pipe.stream(RED, seconds=None, seed=7, size=SIZE)
+        encoder = FragmentedMp4Encoder(*SIZE)
+        data = b""
+        for block, frames in enumerate(stream):
+            data += encoder.encode_block(frames)
+            if switch and block + 1 == switch_block:
+                stream.set_prompt(FOREST)
+            if block + 1 == 6:  # 4 s -> 6 blocks
+                return decode(data)
+        raise AssertionError("unreachable")
+
+    expected, unswitched = reference(True), reference(False)
+    assert served.shape == expected.shape
+    error = np.abs(served.astype(int) - expected).mean()
+    control = np.abs(unswitched.astype(int) - served).mean()
+    assert error < 0.05 and control > 4 * error + 0.1, (error, control)
+
+
+def test_every_request_lands_on_its_replica_also_after_a_scale_up(service):
+    base = service["base"]
+    sessions = []
+    for i in range(20):  # short sessions, each ended before the next: never more than capacity
+        sessions.append(created(base, prompt=f"{RED}, take {i}", max_seconds=1))
+        wait_ended(base, sessions[-1])
+    owners = {s["session_id"]: s["replica"] for s in sessions}
+    assert len(set(owners.values())) == 2  # ties between idle replicas are spread
+    table = redis.Redis.from_url(service["redis_url"], decode_responses=True)
+    for s in sessions:
+        assert status(base, s)["replica"] == owners[s["session_id"]]
+        assert table.hget(f"session:{s['session_id']}", "replica") == owners[s["session_id"]]
+
+    deploy(service["redis_url"], 3)
+    deadline = time.monotonic() + 60
+    while generator_replicas() != 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert generator_replicas() == 3
+    for s in sessions:  # the old replicas kept running: every session is where it was
+        assert status(base, s)["replica"] == owners[s["session_id"]]
+    newcomers = [created(base, prompt=f"{FOREST}, take {i}", max_seconds=1) for i in range(3)]
+    new_replica = {n["replica"] for n in newcomers} - set(owners.values())
+    assert new_replica  # the empty replica takes new sessions
+    for n in newcomers:
+        assert status(base, n)["replica"] == n["replica"]
+
+
+def test_full_capacity_unknown_wrong_token_and_bad_body(service):
+    base = service["base"]
+    live = []
+    try:
+        while True:
+            response = create(base)
+            if response.status_code == 503:
+                break
+            assert response.status_code == 201, response.text
+            live.append(response.json())
+            assert len(live) <= 3 * CAPACITY
+        assert int(response.headers["retry-after"]) >= 1
+        assert len(live) == generator_replicas() * CAPACITY  # 503 only once every replica is full
+    finally:
+        for s in live:
+            httpx.delete(f"{base}/v1/sessions/{s['session_id']}", headers=auth(s["token"]), timeout=30)
+    victim = live[0]
+    url = f"{base}/v1/sessions/{victim['session_id']}"
+    assert httpx.get(f"{base}/v1/sessions/nope", headers=auth(victim["token"])).status_code == 404
+    assert httpx.get(url, headers=auth("wrong")).status_code == 403
+    assert httpx.get(url).status_code == 403
+    assert httpx.post(f"{url}/prompts", json={"prompt": FOREST}, headers=auth("wrong")).status_code == 403
+    assert httpx.post(f"{base}/v1/sessions", json={"prompt": ""}).status_code == 422
+    assert httpx.post(f"{base}/v1/sessions", json={"prompt": RED, "seed": -1}).status_code == 422
+    assert (
+        httpx.post(f"{url}/prompts", json={"text": FOREST}, headers=auth(victim["token"])).status_code == 422
+    )
+    assert httpx.get(f"{base}/docs").status_code == 200
