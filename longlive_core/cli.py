@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("-o", "--output", type=Path, default=Path("longlive.mp4"))
 
+    srv = sub.add_parser("serve", help="run the session service on this machine (Ray Serve)")
+    srv.add_argument("--config", type=Path, default=Path("serve_config.yaml"), help="Ray Serve config file")
+    srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
+    srv.add_argument("--host", default=None, help="HTTP host (default: the config's)")
+
     dl = sub.add_parser("download", help="fetch and verify a model's weights into the local cache")
     dl.add_argument("model", nargs="?", default="longlive-1.3b", choices=[*NAMED_MODELS, *BUILTIN_MODELS])
     return parser
@@ -154,13 +159,32 @@ def download(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    try:
+        from deployments.local import serve_forever
+    except ImportError as exc:
+        raise CliError(f"the service needs the serve extra: pip install 'longlive[serve]' ({exc})") from None
+    try:
+        serve_forever(args.config, args.port, args.host)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": generate, "download": download}[args.command](args)
-    except (CliError, ScheduleError, MissingWeightsError, FileNotFoundError, ValueError) as exc:
+        return {"generate": generate, "download": download, "serve": serve}[args.command](args)
+    except (
+        CliError,
+        ScheduleError,
+        MissingWeightsError,
+        FileNotFoundError,
+        ValueError,
+        ConnectionError,
+    ) as exc:
         code = exc.code if isinstance(exc, CliError) else EXIT_USAGE
-        if isinstance(exc, MissingWeightsError | FileNotFoundError):
+        if isinstance(exc, MissingWeightsError | OSError):
             code = EXIT_FAILURE
         print(f"longlive: error: {exc}", file=sys.stderr)
         return code
