@@ -209,3 +209,22 @@ def test_full_capacity_unknown_wrong_token_and_bad_body(service):
         httpx.post(f"{url}/prompts", json={"text": FOREST}, headers=auth(victim["token"])).status_code == 422
     )
     assert httpx.get(f"{base}/docs").status_code == 200
+
+
+def test_websocket_streams_fmp4_by_default_and_jpeg_on_request(service):
+    from websockets.sync.client import connect
+
+    base = service["base"]
+    ws_base = base.replace("http", "ws", 1)
+    for fmt, expected in (("mp4", 21), ("jpeg", 21)):
+        session = created(base, max_seconds=1)
+        url = f"{ws_base}/v1/sessions/{session['session_id']}/stream?token={session['token']}&format={fmt}"
+        with connect(url, open_timeout=30) as ws:
+            messages = list(ws)
+        if fmt == "mp4":
+            assert len(messages) == 2 and len(decode(b"".join(messages))) == expected  # a message per block
+        else:
+            assert len(messages) == expected and all(m[:2] == b"\xff\xd8" for m in messages)
+    with pytest.raises(Exception, match="403"):  # refused before the handshake completes
+        with connect(f"{ws_base}/v1/sessions/{session['session_id']}/stream?token=wrong") as ws:
+            ws.recv()
