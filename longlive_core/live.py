@@ -227,18 +227,24 @@ class LiveHost:
         self._deliver(latents)
         return True
 
-    def warm_up(self, blocks: int = 6) -> None:
-        """Run a throwaway session through first blocks, a full window and a recache (compiles, autotunes)."""
+    def warm_up(self, blocks: int = 6, sessions: int = 1) -> None:
+        """Run throwaway sessions through first blocks, a full window and a recache (compiles, autotunes
+        the shapes of `sessions` concurrent sessions)."""
         speed, self.playback_speed = self.playback_speed, 0.0
+        ids = [f"__warm_up_{i}__" for i in range(sessions)]
         try:
-            self.open("__warm_up__", "warm up", max_seconds=None)
+            for sid in ids:
+                self.open(sid, "warm up")
             for b in range(blocks):
                 if b == blocks - 2:
-                    self.post_prompt("__warm_up__", "warm up, switched")
+                    for sid in ids:
+                        self.post_prompt(sid, "warm up, switched")
                 self.run_once()
-            self.close("__warm_up__")
+            for sid in ids:
+                self.close(sid)
             self.run_once()
-            self.forget("__warm_up__")
+            for sid in ids:
+                self.forget(sid)
         finally:
             self.playback_speed = speed
 

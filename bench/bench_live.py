@@ -1,0 +1,137 @@
+"""Live sessions on one LiveHost (the engine a Generator replica wraps), paced to real-time playback.
+
+Measures, server side, what a viewer sees: time from opening a session to its first block of frames,
+prompt-to-pixel latency (post of a new prompt, text encoding included, to the first block made under
+it), and stalls (blocks that arrive after their playback time). Full size: random DiT, Wan VAE or
+TAEW2_1 and umT5-XXL weights on the GPU; --preset tiny runs the tiny-random model on the CPU.
+
+    python bench/bench_live.py --compile --sessions 1 2 --out bench/results/live_h100.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import command_line, emit  # noqa: E402
+from longlive_core import LongLivePipeline  # noqa: E402
+from longlive_core.config import RuntimeConfig  # noqa: E402
+from longlive_core.live import LiveHost  # noqa: E402
+from longlive_core.schedule import FPS, video_frames  # noqa: E402
+
+
+def build_pipe(preset: str, decoder: str, compile: bool) -> LongLivePipeline:
+    if preset == "tiny":
+        return LongLivePipeline.from_pretrained("tiny-random", device="cpu", decoder=decoder)
+    from bench.bench_engine import build_model
+    from bench.bench_long_video import build_decoder
+    from bench.bench_low_memory import build_umt5_xxl
+
+    runtime = RuntimeConfig(attention="cudnn", compile=compile)
+    encoder = build_umt5_xxl()
+    encoder.cache_size = 64
+    return LongLivePipeline(
+        build_model("wan2.1-t2v-1.3b", torch.bfloat16),
+        encoder,
+        build_decoder(decoder, compile).eval(),
+        None,
+        runtime=runtime,
+    )
+
+
+def run(host: LiveHost, sessions: int, seconds: float, switch_after: float) -> dict[str, float]:
+    stop = threading.Event()
+    engine = threading.Thread(target=lambda: [host.run_once() for _ in iter(stop.is_set, True)], daemon=True)
+    received: dict[str, list[tuple[int, float]]] = {}
+    ids = [f"viewer-{sessions}-{i}" for i in range(sessions)]
+
+    def read(sid: str) -> None:
+        while (chunk := host.next_chunk(sid, timeout=120)) is not None:
+            received[sid].append((chunk.block, time.monotonic()))
+
+    engine.start()
+    opened = time.monotonic()
+    readers = []
+    for i, sid in enumerate(ids):
+        received[sid] = []
+        host.open(
+            sid, f"a red robot walks through a rainy neon city, viewer {i}", seed=i, max_seconds=seconds
+        )
+        readers.append(threading.Thread(target=read, args=(sid,), daemon=True))
+        readers[-1].start()
+    time.sleep(switch_after)
+    posted = time.monotonic()
+    for i, sid in enumerate(ids):
+        host.post_prompt(sid, f"the robot walks into a sunlit forest, new prompt for viewer {i}")
+    for reader in readers:
+        reader.join()
+    stop.set()
+    engine.join()
+
+    first, to_pixel, stalls = [], [], 0
+    for sid in ids:
+        times = dict(received[sid])
+        first.append(times[0] - opened)
+        switch_block = host.status(sid)["prompts"][1]["block"]
+        to_pixel.append(times[switch_block] - posted)
+        start = times[0]
+        for block, at in received[sid]:  # block k must arrive before the frames before it are played
+            if at > start + video_frames(block * host.config.block_frames) / FPS + 1e-3:
+                stalls += 1
+    return {
+        "first_ms": statistics.median(first) * 1e3,
+        "first_max_ms": max(first) * 1e3,
+        "to_pixel_ms": statistics.median(to_pixel) * 1e3,
+        "to_pixel_max_ms": max(to_pixel) * 1e3,
+        "stalls": stalls,
+        "blocks": sum(len(r) for r in received.values()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=["full", "tiny"], default="full")
+    parser.add_argument("--decoder", choices=["wan", "tae"], default="wan")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--switch-after", type=float, default=5, help="wall seconds before the prompt post")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
+    pipe = build_pipe(args.preset, args.decoder, args.compile)
+    rows = [
+        "| sessions | first block (ms, median / max) | prompt-to-pixel (ms, median / max) | stalled blocks |",
+        "|---|---|---|---|",
+    ]
+    for n in args.sessions:
+        host = LiveHost(pipe, max_sessions=n, size=(832, 480) if args.preset == "full" else (48, 32))
+        host.warm_up(sessions=n)
+        r = run(host, n, args.seconds, args.switch_after)
+        rows.append(
+            f"| {n} | {r['first_ms']:.0f} / {r['first_max_ms']:.0f} | {r['to_pixel_ms']:.0f} /"
+            f" {r['to_pixel_max_ms']:.0f} | {r['stalls']} of {r['blocks']} |"
+        )
+        print(rows[-1], flush=True)
+        del host
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.preset == "full" else "CPU"
+    meta = [
+        f"- device: {device}; torch {torch.__version__}; preset {args.preset}, decoder {args.decoder},"
+        f" {'compiled' if args.compile else 'eager'}; real-time pacing (16 fps), lead 1.5 s",
+        f"- command: `{command_line()}`",
+        f"- each session {args.seconds:g} s of video; a new prompt (text-encoder cache miss) posted"
+        f" {args.switch_after:g} s after the sessions opened; first block = open() to its frames on the host",
+    ]
+    emit("Live sessions, server side: first frame, prompt-to-pixel, stalls", meta, rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
