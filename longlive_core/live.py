@@ -102,6 +102,7 @@ class LiveHost:
         self.playback_speed = playback_speed
         self.clock = clock
         self.sessions: dict[str, LiveSession] = {}
+        self.step_seconds: deque[float] = deque(maxlen=1000)  # block steps incl. decode, newest last
         self._commands: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # commands queued / chunks produced
@@ -222,15 +223,18 @@ class LiveHost:
         with self._lock:
             if not self._any_due():
                 return False
+        started = time.perf_counter()
         with torch.no_grad():
             latents = self.engine.step()
         self._deliver(latents)
+        self.step_seconds.append(time.perf_counter() - started)
         return True
 
     def warm_up(self, blocks: int = 6, sessions: int = 1) -> None:
         """Run throwaway sessions through first blocks, a full window and a recache (compiles, autotunes
         the shapes of `sessions` concurrent sessions)."""
         speed, self.playback_speed = self.playback_speed, 0.0
+        idle, self.idle_timeout_s = self.idle_timeout_s, float("inf")  # compiling can take minutes
         ids = [f"__warm_up_{i}__" for i in range(sessions)]
         try:
             for sid in ids:
@@ -246,7 +250,7 @@ class LiveHost:
             for sid in ids:
                 self.forget(sid)
         finally:
-            self.playback_speed = speed
+            self.playback_speed, self.idle_timeout_s = speed, idle
 
     # -- internals ---------------------------------------------------------------------------------
     def _get(self, session_id: str) -> LiveSession:
