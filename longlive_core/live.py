@@ -230,9 +230,9 @@ class LiveHost:
         self.step_seconds.append(time.perf_counter() - started)
         return True
 
-    def warm_up(self, blocks: int = 6, sessions: int = 1) -> None:
-        """Run throwaway sessions through first blocks, a full window and a recache (compiles, autotunes
-        the shapes of `sessions` concurrent sessions)."""
+    def warm_up(self, blocks: int = 14, sessions: int = 1) -> None:
+        """Run throwaway sessions through first blocks, a full window and recaches at every phase of the
+        window ring (compiles and autotunes the shapes of `sessions` concurrent sessions)."""
         speed, self.playback_speed = self.playback_speed, 0.0
         idle, self.idle_timeout_s = self.idle_timeout_s, float("inf")  # compiling can take minutes
         ids = [f"__warm_up_{i}__" for i in range(sessions)]
@@ -240,7 +240,7 @@ class LiveHost:
             for sid in ids:
                 self.open(sid, "warm up")
             for b in range(blocks):
-                if b == blocks - 2:
+                if blocks - 8 <= b < blocks - 4:  # four consecutive switches: four ring phases
                     for sid in ids:
                         self.post_prompt(sid, "warm up, switched")
                 self.run_once()
