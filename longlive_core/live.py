@@ -249,6 +249,7 @@ class LiveHost:
             self.run_once()
             for sid in ids:
                 self.forget(sid)
+            self.step_seconds.clear()  # compile-time steps say nothing about serving
         finally:
             self.playback_speed, self.idle_timeout_s = speed, idle
 
