@@ -71,6 +71,8 @@ class LiveSession:
     joined: bool = False
     error: str | None = None
     waiting: list[int] = field(default_factory=list)  # timeline indices posted, not yet applied
+    scheduled: dict[int, str] = field(default_factory=dict)  # block -> prompt applied right before it
+    paced: bool = True  # False: batch work, as fast as the device allows
 
 
 class LiveHost:
@@ -114,8 +116,19 @@ class LiveHost:
         with self._lock:
             return sum(not s.finished for s in self.sessions.values())
 
-    def open(self, session_id: str, prompt: str, seed: int = 0, max_seconds: float | None = None) -> None:
-        """Queue a new session; raises CapacityError when the host is full, ValueError on bad input."""
+    def open(
+        self,
+        session_id: str,
+        prompt: str,
+        seed: int = 0,
+        max_seconds: float | None = None,
+        scheduled: dict[int, str] | None = None,
+        paced: bool = True,
+    ) -> None:
+        """Queue a new session; raises CapacityError when the host is full, ValueError on bad input.
+
+        scheduled: prompts applied exactly before given blocks (a batch job's schedule); paced=False runs
+        the session as fast as the device allows, whatever its playback clock."""
         if not prompt or not prompt.strip():
             raise ValueError("prompt must not be empty")
         num_blocks = None
@@ -132,6 +145,8 @@ class LiveHost:
             session = LiveSession(
                 session_id, seed, num_blocks, [PromptEntry(prompt, now, block=0)], deque(), last_read=now
             )
+            session.scheduled = dict(scheduled or {})
+            session.paced = paced
             self.sessions[session_id] = session
             self._commands.append(lambda: self._join(session))
             self._wake.notify_all()
@@ -275,19 +290,31 @@ class LiveHost:
         session.decoder_stream = None
 
     def _playback_due(self, session: LiveSession, now: float) -> bool:
-        if self.playback_speed == 0 or session.playback_start is None:
+        if session.playback_start is None:
             return True
         played = (now - session.playback_start) * self.playback_speed
         return video_frames(session.blocks_done * self.config.block_frames) / FPS < played + self.lead_seconds
 
     def _any_due(self) -> bool:
+        """Live (paced) sessions set the step rate whenever there are any: a step makes a block for every
+        session, so batch sessions then move at playback speed. Alone, batch sessions run flat out."""
         now = self.clock()
-        return any(s.joined and not s.finished and self._playback_due(s, now) for s in self.sessions.values())
+        active = [s for s in self.sessions.values() if s.joined and not s.finished]
+        paced = [s for s in active if s.paced and self.playback_speed]
+        if paced:
+            return any(self._playback_due(s, now) for s in paced)
+        return bool(active)
 
     def _seconds_until_due(self) -> float:
         waits = []
         for s in self.sessions.values():
-            if s.joined and not s.finished and s.playback_start is not None and self.playback_speed:
+            if (
+                s.joined
+                and not s.finished
+                and s.playback_start is not None
+                and self.playback_speed
+                and s.paced
+            ):
                 ahead = video_frames(s.blocks_done * self.config.block_frames) / FPS - self.lead_seconds
                 waits.append(s.playback_start + ahead / self.playback_speed - self.clock())
         return max(0.0, min(waits, default=3600.0))
@@ -296,6 +323,9 @@ class LiveHost:
         """The latest waiting prompt of each joined session (earlier ones are superseded: one recache)."""
         switches = []
         for s in self.sessions.values():
+            if s.joined and not s.finished and s.blocks_done in s.scheduled:
+                s.prompts.append(PromptEntry(s.scheduled.pop(s.blocks_done), self.clock()))
+                s.waiting.append(len(s.prompts) - 1)
             if s.joined and not s.finished and s.waiting:
                 index = s.waiting[-1]
                 for skipped in s.waiting[:-1]:

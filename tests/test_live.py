@@ -124,3 +124,21 @@ def test_engine_thread_and_reader_threads(pipe):
     finally:
         stop.set()
         thread.join(5)
+
+
+def test_scheduled_prompts_apply_exactly_at_their_blocks_unpaced(pipe):
+    now = [0.0]  # a frozen playback clock: only an unpaced session can get ahead of it
+    host = LiveHost(pipe, max_sessions=2, size=SIZE, lead_seconds=0.5, clock=lambda: now[0])
+    host.open("job", RED, seed=4, max_seconds=3, scheduled={2: FOREST}, paced=False)
+    host.open("live", SEA, seed=9)
+    for _ in range(5):
+        host.run_once(max_wait=0)
+    # A live session sets the pace: one block of it covers the 0.5 s lead of the frozen clock.
+    assert host.status("job")["blocks_done"] == 1 and host.status("live")["blocks_done"] == 1
+    host.close("live")
+    while host.status("job")["state"] != "ended":  # alone, the batch session runs flat out
+        host.run_once(max_wait=0)
+    chunks = [host.next_chunk("job", timeout=1) for _ in range(5)]
+    assert [(p["prompt"], p["block"]) for p in host.status("job")["prompts"]] == [(RED, 0), (FOREST, 2)]
+    expected = pipeline_video(pipe, RED, 4, 5, (2, FOREST))
+    assert np.abs(np.concatenate([c.frames for c in chunks]).astype(int) - expected).max() <= 1
