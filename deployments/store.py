@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import time
 
 SESSION = "session:{}"  # hash: token_sha256, replica, seed, created_at
@@ -97,7 +96,3 @@ class ReplicaEvents:
                 self.positions[session_id] = event_id
                 found.append((session_id, fields))
         return found
-
-
-def dumps(data: dict) -> str:
-    return json.dumps(data, separators=(",", ":"))

@@ -1,0 +1,118 @@
+"""The job queue: Redis Streams with a consumer group (at-least-once delivery).
+
+`jobs` holds one entry per attempt; workers of the group `workers` read it with XREADGROUP. A worker
+keeps a long job claimed by XCLAIM ... JUSTID (its heartbeat); a dead worker's entry idles until
+another worker takes it over with XAUTOCLAIM and redoes the job. The job's record (`job:{id}`) counts
+attempts: past `max_attempts` the job goes to the dead-letter stream `jobs:dead` with its last error.
+An idempotency key maps to the first job submitted under it (`job:key:{key}`, SET NX).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+from .schemas import SubmitJob
+
+STREAM, GROUP, DEAD = "jobs", "workers", "jobs:dead"
+JOB = "job:{}"
+KEY = "job:key:{}"
+RECORD_TTL_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Claimed:
+    job_id: str
+    entry_id: str
+    request: SubmitJob
+    attempt: int
+
+
+class JobQueue:
+    def __init__(self, redis_url: str, max_attempts: int = 3, stale_after_s: float = 60.0):
+        import redis
+
+        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.max_attempts = max_attempts
+        self.stale_after_ms = int(stale_after_s * 1000)
+        try:
+            self.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+
+    # -- clients -----------------------------------------------------------------------------------
+    def submit(self, request: SubmitJob, frames_total: int) -> tuple[str, bool]:
+        """Queue a job; returns (job id, duplicate). A known idempotency key returns its first job."""
+        job_id = secrets.token_urlsafe(16)
+        if request.idempotency_key is not None:
+            key = KEY.format(request.idempotency_key)
+            if not self.redis.set(key, job_id, nx=True, ex=RECORD_TTL_S):
+                return self.redis.get(key), True
+        record = {
+            "request": request.model_dump_json(),
+            "state": "queued",
+            "frames_done": 0,
+            "frames_total": frames_total,
+            "fps": 0.0,
+            "attempts": 0,
+            "submitted_at": time.time(),
+        }
+        self.redis.hset(JOB.format(job_id), mapping=record)
+        self.redis.expire(JOB.format(job_id), RECORD_TTL_S)
+        self.redis.xadd(STREAM, {"job_id": job_id})
+        return job_id, False
+
+    def get(self, job_id: str) -> dict | None:
+        return self.redis.hgetall(JOB.format(job_id)) or None
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask the job to stop (its worker checks every block); False if it has already ended."""
+        key = JOB.format(job_id)
+        if self.redis.hget(key, "state") in ("done", "failed", "cancelled"):
+            return False
+        self.redis.hset(key, "cancel", 1)
+        return True
+
+    # -- workers -----------------------------------------------------------------------------------
+    def claim(self, consumer: str, block_ms: int = 1000) -> Claimed | None:
+        """The next job for `consumer`: a dead worker's stale one first, else a new one."""
+        _, stale, _ = self.redis.xautoclaim(STREAM, GROUP, consumer, self.stale_after_ms, "0-0", count=1)
+        entries = stale or [
+            entry
+            for _, found in (self.redis.xreadgroup(GROUP, consumer, {STREAM: ">"}, 1, block_ms) or [])
+            for entry in found
+        ]
+        for entry_id, fields in entries:
+            job_id = fields["job_id"]
+            attempt = self.redis.hincrby(JOB.format(job_id), "attempts", 1)
+            record = self.get(job_id)
+            if record.get("cancel") or record.get("state") in ("done", "cancelled"):
+                self.finish(job_id, entry_id, "cancelled" if record.get("cancel") else record["state"])
+                return None
+            if attempt > self.max_attempts:
+                self.dead_letter(job_id, entry_id, record.get("error") or "worker died")
+                return None
+            self.redis.hset(JOB.format(job_id), mapping={"state": "running", "consumer": consumer})
+            return Claimed(job_id, entry_id, SubmitJob.model_validate_json(record["request"]), attempt)
+        return None
+
+    def heartbeat(self, claimed: Claimed, consumer: str, frames_done: int, fps: float) -> bool:
+        """Keep the entry ours (resets its idle time) and publish progress; False if cancelled."""
+        self.redis.xclaim(STREAM, GROUP, consumer, 0, [claimed.entry_id], justid=True)
+        key = JOB.format(claimed.job_id)
+        self.redis.hset(key, mapping={"frames_done": frames_done, "fps": round(fps, 2)})
+        return not self.redis.hget(key, "cancel")
+
+    def finish(self, job_id: str, entry_id: str, state: str, **fields: str) -> None:
+        self.redis.hset(JOB.format(job_id), mapping={"state": state, "finished_at": time.time(), **fields})
+        self.redis.xack(STREAM, GROUP, entry_id)
+
+    def fail(self, claimed: Claimed, error: str) -> None:
+        """Record the error; the entry stays pending, so it is retried after `stale_after_s`."""
+        self.redis.hset(JOB.format(claimed.job_id), mapping={"state": "queued", "error": error[:2000]})
+
+    def dead_letter(self, job_id: str, entry_id: str, error: str) -> None:
+        self.redis.xadd(DEAD, {"job_id": job_id, "error": error[:2000]})
+        self.finish(job_id, entry_id, "failed", error=error[:2000])

@@ -1,0 +1,48 @@
+"""The jobs API's bodies (pydantic; validated at submit so a bad schedule is a 422 naming its entry)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, HttpUrl, model_validator
+
+from longlive_core.schedule import PromptChange, ScheduleError, validate_schedule
+
+MAX_SECONDS = 3600.0
+MAX_ENTRIES = 500
+
+
+class SubmitJob(BaseModel):
+    schedule: list[PromptChange] = Field(min_length=1, max_length=MAX_ENTRIES)
+    seconds: float = Field(gt=0, le=MAX_SECONDS, description="video length; 240 s and beyond")
+    seed: int = Field(0, ge=0, lt=2**63)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    callback_url: HttpUrl | None = None
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> SubmitJob:
+        try:
+            validate_schedule(
+                self.schedule, self.seconds, [f"schedule[{i}]" for i in range(len(self.schedule))]
+            )
+        except ScheduleError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+class JobCreated(BaseModel):
+    job_id: str
+    token: str | None = Field(None, description="only on the first submission of an idempotency key")
+    duplicate: bool = False
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    frames_done: int
+    frames_total: int
+    fps: float
+    eta_s: float | None
+    attempts: int
+    error: str | None
+    result_url: str | None = Field(None, description="presigned URL of the MP4 once done")
