@@ -22,3 +22,19 @@ class ServiceConfig(BaseModel):
     playback_speed: float = Field(1.0, ge=0, description="pacing: 1 = real time, 0 = unpaced")
     graceful_shutdown_timeout_s: float = Field(300, ge=0, description="drain time; above the longest session")
     retry_after_s: int = Field(5, ge=1, description="Retry-After on 503 when every replica is full")
+    jobs: bool = Field(True, description="replicas also take batch jobs from the Redis queue")
+    s3_bucket: str | None = Field(None, description="finished videos go here; None: store_dir")
+    s3_endpoint_url: str | None = Field(None, description="an S3-compatible endpoint; None: AWS")
+    store_dir: str = Field("videos", description="local-directory store (the embedded default)")
+    job_stale_after_s: float = Field(60, gt=0, description="a job silent this long is redone elsewhere")
+    job_max_attempts: int = Field(3, ge=1)
+
+    def job_queue(self):
+        from jobs.queue import JobQueue
+
+        return JobQueue(self.redis_url, self.job_max_attempts, self.job_stale_after_s)
+
+    def video_store(self):
+        from jobs.storage import LocalStore, S3Store
+
+        return S3Store(self.s3_bucket, self.s3_endpoint_url) if self.s3_bucket else LocalStore(self.store_dir)

@@ -22,6 +22,7 @@ from .config import ServiceConfig
 from .store import ReplicaEvents
 
 logger = logging.getLogger("longlive.generator")
+PREEMPT_WAIT_STEPS = 200  # x 50 ms: a block step on the slowest supported device
 
 
 class SessionNotHere(Exception):
@@ -57,6 +58,7 @@ class Generator:
         self.host.warm_up()
         self.events = ReplicaEvents(self.config.redis_url, self.replica_id)
         self.events.set_load(0)
+        self.jobs = build_job_worker(self.config, self.host, self.replica_id) if self.config.jobs else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
         self._thread.start()
@@ -64,13 +66,31 @@ class Generator:
     # -- requests ----------------------------------------------------------------------------------
     async def create(self, session_id: str, prompt: str, seed: int, max_seconds: float | None) -> dict:
         try:
-            self.host.open(session_id, prompt, seed=seed, max_seconds=max_seconds)
+            await self._admit(session_id, prompt, seed, max_seconds)
         except CapacityError as err:
             self.events.set_load(self.host.load)  # so the retry's routing sees this replica as full
             raise ReplicaFull(str(err)) from None
         self.events.follow(session_id)
         self.events.set_load(self.host.load)  # at once, before the next create is routed
         return {"replica": self.replica_id}
+
+    async def _admit(self, session_id: str, prompt: str, seed: int, max_seconds: float | None) -> None:
+        """Open a live session; a batch job holding the last slot is preempted (requeued) for it."""
+        try:
+            self.host.open(session_id, prompt, seed=seed, max_seconds=max_seconds)
+            return
+        except CapacityError:
+            if self.jobs is None or self.jobs.running is None:
+                raise
+        self.jobs.preempt.set()
+        try:
+            for _ in range(PREEMPT_WAIT_STEPS):  # the job leaves at its next block
+                await asyncio.sleep(0.05)
+                if self.host.load < self.host.max_sessions:
+                    break
+            self.host.open(session_id, prompt, seed=seed, max_seconds=max_seconds)
+        finally:
+            self.jobs.preempt.clear()
 
     async def status(self, session_id: str) -> dict:
         return {**self._call(self.host.status, session_id), "replica": self.replica_id}
@@ -102,6 +122,8 @@ class Generator:
 
     def __del__(self) -> None:
         self._stop.set()
+        if self.jobs is not None:
+            self.jobs.stop.set()
 
     # -- internals ---------------------------------------------------------------------------------
     def _next_chunk(self, session_id: str):
@@ -136,6 +158,22 @@ class Generator:
             except Exception:
                 logger.exception("engine loop failed")
                 raise
+
+
+def build_job_worker(config: ServiceConfig, host: LiveHost, replica_id: str):
+    from jobs.queue import JobQueue
+    from jobs.storage import LocalStore, S3Store
+    from jobs.worker import JobWorker
+
+    queue = JobQueue(config.redis_url, config.job_max_attempts, config.job_stale_after_s)
+    store = (
+        S3Store(config.s3_bucket, config.s3_endpoint_url)
+        if config.s3_bucket
+        else LocalStore(config.store_dir)
+    )
+    worker = JobWorker(host, queue, store, consumer=replica_id)
+    worker.start()
+    return worker
 
 
 def generator_deployment(config: ServiceConfig):

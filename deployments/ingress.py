@@ -9,10 +9,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from jobs.schemas import JobCreated, JobStatus, SubmitJob
+from jobs.worker import frames_total
+
 from .config import ServiceConfig
 from .generator import ReplicaFull, SessionNotHere
 from .schemas import CreateSession, PostPrompt, Problem, PromptPosted, SessionCreated, SessionStatus
-from .store import SessionStore, token_matches
+from .store import SessionStore, token_digest, token_matches
 
 app = FastAPI(title="longlive", description="Real-time interactive long text-to-video (LongLive)")
 ADMISSION_ATTEMPTS = 5
@@ -30,9 +33,17 @@ def bearer(authorization: str | None) -> str | None:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, generator: DeploymentHandle, config: dict):
+        from jobs.queue import JobQueue
+        from jobs.storage import LocalStore, S3Store
+
         self.generator = generator
         self.config = ServiceConfig(**config)
         self.store = SessionStore(self.config.redis_url)
+        self.jobs = JobQueue(
+            self.config.redis_url, self.config.job_max_attempts, self.config.job_stale_after_s
+        )
+        c = self.config
+        self.videos = S3Store(c.s3_bucket, c.s3_endpoint_url) if c.s3_bucket else LocalStore(c.store_dir)
 
     def _session(self, session_id: str, stream: bool = False) -> DeploymentHandle:
         return self.generator.options(session_id=session_id, stream=stream)
@@ -134,3 +145,42 @@ class Ingress:
             await ws.close()
         except WebSocketDisconnect:
             pass
+
+    # -- jobs --------------------------------------------------------------------------------------
+    @app.post("/v1/jobs", status_code=201, response_model=JobCreated, responses=ERRORS)
+    async def submit_job(self, body: SubmitJob) -> JobCreated:
+        token = secrets.token_urlsafe(24)
+        job_id, duplicate = await asyncio.to_thread(
+            self.jobs.submit, body, frames_total(body.seconds), token_digest(token)
+        )
+        return JobCreated(job_id=job_id, token=None if duplicate else token, duplicate=duplicate)
+
+    async def _job(self, job_id: str, token: str | None) -> dict:
+        record = await asyncio.to_thread(self.jobs.get, job_id)
+        if record is None:
+            raise HTTPException(404, f"no job {job_id}")
+        if not token_matches(record, token):
+            raise HTTPException(403, "wrong or missing job token")
+        return record
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, responses=ERRORS)
+    async def job_status(self, job_id: str, authorization: str | None = Header(None)) -> JobStatus:
+        record = await self._job(job_id, bearer(authorization))
+        done, total, fps = int(record["frames_done"]), int(record["frames_total"]), float(record["fps"])
+        running = record["state"] == "running" and fps > 0
+        return JobStatus(
+            job_id=job_id,
+            state=record["state"],
+            frames_done=done,
+            frames_total=total,
+            fps=fps,
+            eta_s=(total - done) / fps if running else None,
+            attempts=int(record["attempts"]),
+            error=record.get("error"),
+            result_url=self.videos.url(record["key"]) if record["state"] == "done" else None,
+        )
+
+    @app.delete("/v1/jobs/{job_id}", status_code=202, responses=ERRORS)
+    async def cancel_job(self, job_id: str, authorization: str | None = Header(None)) -> dict:
+        await self._job(job_id, bearer(authorization))
+        return {"cancelled": await asyncio.to_thread(self.jobs.cancel, job_id)}

@@ -43,7 +43,7 @@ class JobQueue:
                 raise
 
     # -- clients -----------------------------------------------------------------------------------
-    def submit(self, request: SubmitJob, frames_total: int) -> tuple[str, bool]:
+    def submit(self, request: SubmitJob, frames_total: int, token_sha256: str = "") -> tuple[str, bool]:
         """Queue a job; returns (job id, duplicate). A known idempotency key returns its first job."""
         job_id = secrets.token_urlsafe(16)
         if request.idempotency_key is not None:
@@ -58,6 +58,7 @@ class JobQueue:
             "fps": 0.0,
             "attempts": 0,
             "submitted_at": time.time(),
+            "token_sha256": token_sha256,
         }
         self.redis.hset(JOB.format(job_id), mapping=record)
         self.redis.expire(JOB.format(job_id), RECORD_TTL_S)
@@ -108,6 +109,11 @@ class JobQueue:
     def finish(self, job_id: str, entry_id: str, state: str, **fields: str) -> None:
         self.redis.hset(JOB.format(job_id), mapping={"state": state, "finished_at": time.time(), **fields})
         self.redis.xack(STREAM, GROUP, entry_id)
+
+    def release(self, claimed: Claimed) -> None:
+        """Give a preempted job back: pending, it is taken over once idle for `stale_after_s`."""
+        self.redis.hset(JOB.format(claimed.job_id), mapping={"state": "queued"})
+        self.redis.hincrby(JOB.format(claimed.job_id), "attempts", -1)  # preemption is not a failure
 
     def fail(self, claimed: Claimed, error: str) -> None:
         """Record the error; the entry stays pending, so it is retried after `stale_after_s`."""

@@ -35,8 +35,19 @@ class Cancelled(Exception):
     pass
 
 
-def run_job(host: LiveHost, queue: JobQueue, store: Store, claimed: Claimed, consumer: str) -> str:
-    """Generate one claimed job to its object; returns the final state (done / cancelled)."""
+class Preempted(Exception):
+    """A live session needs the job's slot: the job goes back to the queue."""
+
+
+def run_job(
+    host: LiveHost,
+    queue: JobQueue,
+    store: Store,
+    claimed: Claimed,
+    consumer: str,
+    preempt: threading.Event | None = None,
+) -> str:
+    """Generate one claimed job to its object; returns the final state (done / cancelled / preempted)."""
     request = claimed.request
     block_frames = host.config.block_frames
     switches = {switch_block(e.at, block_frames): e.prompt for e in request.schedule}  # later entries win
@@ -60,6 +71,8 @@ def run_job(host: LiveHost, queue: JobQueue, store: Store, claimed: Claimed, con
             frames += len(chunk.frames)
             if not queue.heartbeat(claimed, consumer, frames, frames / (time.monotonic() - started)):
                 raise Cancelled
+            if preempt is not None and preempt.is_set():
+                raise Preempted
         if host.status(session_id)["state"] == "error":
             raise RuntimeError(host.status(session_id)["error"])
         upload.complete()
@@ -68,6 +81,11 @@ def run_job(host: LiveHost, queue: JobQueue, store: Store, claimed: Claimed, con
         upload.abort()
         queue.finish(claimed.job_id, claimed.entry_id, "cancelled")
         return "cancelled"
+    except Preempted:
+        host.close(session_id)
+        upload.abort()
+        queue.release(claimed)
+        return "preempted"
     except BaseException:
         host.close(session_id)
         upload.abort()
@@ -91,6 +109,8 @@ class JobWorker:
         self.host, self.queue, self.store = host, queue, store
         self.consumer, self.reserve = consumer, reserve
         self.stop = threading.Event()
+        self.preempt = threading.Event()  # set by a live session that needs the slot
+        self.running: Claimed | None = None
         self.drive_engine = drive_engine  # standalone: no replica loop steps the host, so this does
 
     def start(self) -> list[threading.Thread]:
@@ -107,18 +127,21 @@ class JobWorker:
 
     def _claim_loop(self) -> None:
         while not self.stop.is_set():
-            if self.host.load >= self.host.max_sessions - self.reserve:
+            if self.preempt.is_set() or self.host.load >= self.host.max_sessions - self.reserve:
                 time.sleep(0.1)
                 continue
             claimed = self.queue.claim(self.consumer, block_ms=200)
             if claimed is None:
                 continue
+            self.running = claimed
             try:
-                state = run_job(self.host, self.queue, self.store, claimed, self.consumer)
+                state = run_job(self.host, self.queue, self.store, claimed, self.consumer, self.preempt)
                 logger.info("job %s: %s", claimed.job_id, state)
             except Exception as err:  # noqa: BLE001 - any failure is recorded and retried or dead-lettered
                 logger.exception("job %s failed", claimed.job_id)
                 self.queue.fail(claimed, f"{type(err).__name__}: {err}")
+            finally:
+                self.running = None
 
 
 def main() -> None:

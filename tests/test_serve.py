@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import av
+import boto3
 import httpx
 import numpy as np
 import pytest
@@ -27,13 +28,15 @@ from ray.serve.context import _get_global_client  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 SIZE = (48, 32)
+BUCKET = "longlive-videos"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}
 CAPACITY = 6  # sessions per replica
 SPEED = 4.0  # playback clock at 4x real time: paced, but quick
 RED, FOREST = "a red robot in a rainy city", "the robot walks into a forest"
 CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
 
-def deploy(redis_url: str, replicas: int) -> None:
+def deploy(redis_url: str, replicas: int, s3_endpoint: str) -> None:
     config = yaml.safe_load(CONFIG.read_text())
     app = config["applications"][0]
     app["args"].update(
@@ -42,7 +45,9 @@ def deploy(redis_url: str, replicas: int) -> None:
         size=list(SIZE),
         playback_speed=SPEED,
         graceful_shutdown_timeout_s=1,
-        idle_timeout_s=30,
+        idle_timeout_s=600,  # ended sessions stay answerable for the whole module
+        s3_bucket=BUCKET,
+        s3_endpoint_url=s3_endpoint,
     )
     app["deployments"][0]["num_replicas"] = replicas
     _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)
@@ -54,18 +59,27 @@ def generator_replicas() -> int:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as redis_url:
+    from moto.server import ThreadedMotoServer
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as redis_url, pytest.MonkeyPatch.context() as env:
+        for name, value in CREDENTIALS.items():
+            env.setenv(name, value)  # before ray.init: the replicas inherit them
+        s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        s3.start()
+        s3_endpoint = "http://{}:{}".format(*s3.get_host_and_port())
+        boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
         ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        deploy(redis_url, 2)
+        deploy(redis_url, 2, s3_endpoint)
         base = f"http://127.0.0.1:{port}"
         wait_ready(base)
         try:
-            yield {"base": base, "redis_url": redis_url}
+            yield {"base": base, "redis_url": redis_url, "s3": s3_endpoint}
         finally:
             serve.shutdown()
             ray.shutdown()
+            s3.stop()
 
 
 def create(base: str, prompt: str = RED, **body) -> httpx.Response:
@@ -167,7 +181,7 @@ def test_every_request_lands_on_its_replica_also_after_a_scale_up(service):
         assert status(base, s)["replica"] == owners[s["session_id"]]
         assert table.hget(f"session:{s['session_id']}", "replica") == owners[s["session_id"]]
 
-    deploy(service["redis_url"], 3)
+    deploy(service["redis_url"], 3, service["s3"])
     deadline = time.monotonic() + 60
     while generator_replicas() != 3 and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -228,3 +242,39 @@ def test_websocket_streams_fmp4_by_default_and_jpeg_on_request(service):
     with pytest.raises(Exception, match="403"):  # refused before the handshake completes
         with connect(f"{ws_base}/v1/sessions/{session['session_id']}/stream?token=wrong") as ws:
             ws.recv()
+
+
+def test_jobs_api_submit_follow_fetch_cancel_and_reject(service):
+    base = service["base"]
+    body = {
+        "schedule": [{"at": 0, "prompt": RED}, {"at": 5, "prompt": FOREST}],
+        "seconds": 10,
+        "idempotency_key": "render-1",
+    }
+    submitted = httpx.post(f"{base}/v1/jobs", json=body, timeout=30)
+    assert submitted.status_code == 201, submitted.text
+    job = submitted.json()
+    again = httpx.post(f"{base}/v1/jobs", json=body, timeout=30).json()
+    assert again == {"job_id": job["job_id"], "token": None, "duplicate": True}
+    url, headers = f"{base}/v1/jobs/{job['job_id']}", auth(job["token"])
+    deadline = time.monotonic() + 120
+    while (state := httpx.get(url, headers=headers, timeout=30).json())["state"] != "done":
+        assert state["state"] in ("queued", "running") and time.monotonic() < deadline, state
+        assert 0 <= state["frames_done"] <= state["frames_total"] == 165
+        time.sleep(0.2)
+    video = decode(httpx.get(state["result_url"], timeout=30).content)  # presigned S3 URL
+    assert video.shape == (165, 32, 48, 3)
+    assert httpx.get(url, headers=auth("wrong")).status_code == 403
+    assert httpx.get(f"{base}/v1/jobs/nope", headers=headers).status_code == 404
+
+    long_job = httpx.post(f"{base}/v1/jobs", json={**body, "seconds": 240, "idempotency_key": None}).json()
+    long_url, long_headers = f"{base}/v1/jobs/{long_job['job_id']}", auth(long_job["token"])
+    assert httpx.delete(long_url, headers=long_headers).json() == {"cancelled": True}
+    deadline = time.monotonic() + 60
+    while httpx.get(long_url, headers=long_headers).json()["state"] != "cancelled":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    bad = {"schedule": [{"at": 0, "prompt": RED}, {"at": 30, "prompt": FOREST}], "seconds": 10}
+    rejected = httpx.post(f"{base}/v1/jobs", json=bad)
+    assert rejected.status_code == 422 and "schedule[1]" in rejected.text
