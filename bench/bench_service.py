@@ -90,9 +90,9 @@ def main() -> None:
             max_sessions=max(args.viewers),
             playback_speed=1.0,
         )
-        _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)
+        _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]))
         base = f"http://127.0.0.1:{port}"
-        wait_ready(base)
+        wait_ready(base, timeout=600)
         for n in args.viewers:
             results: dict[int, dict] = {}
             threads = [

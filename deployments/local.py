@@ -75,6 +75,23 @@ def ensure_redis(url: str, data_dir: Path) -> subprocess.Popen | None:
     raise ConnectionError(f"redis-server did not start on {url}")
 
 
+def wait_running(names: list[str]) -> None:
+    """Wait (without Serve's 60 s limit: weights and warm-up can take minutes) for every application."""
+    from ray import serve
+
+    shown = None
+    while True:
+        states = {name: serve.status().applications[name].status for name in names}
+        if states != shown:
+            print(f"longlive: {', '.join(f'{n} {s}' for n, s in states.items())}", flush=True)
+            shown = states
+        if any(state == "DEPLOY_FAILED" for state in states.values()):
+            raise RuntimeError(f"deployment failed: {serve.status().applications}")
+        if all(state == "RUNNING" for state in states.values()):
+            return
+        time.sleep(1)
+
+
 def serve_forever(config_path: Path, port: int | None = None, host: str | None = None) -> None:
     import ray
     from ray import serve

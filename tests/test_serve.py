@@ -50,11 +50,19 @@ def deploy(redis_url: str, replicas: int, s3_endpoint: str) -> None:
         s3_endpoint_url=s3_endpoint,
     )
     app["deployments"][0]["num_replicas"] = replicas
-    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)
+    # Not blocking: Serve's own wait gives up after 60 s, too short for a loaded 2-core CI machine.
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=False)
 
 
 def generator_replicas() -> int:
     return serve.status().applications["longlive"].deployments["Generator"].replica_states.get("RUNNING", 0)
+
+
+def wait_replicas(count: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while generator_replicas() != count:
+        assert time.monotonic() < deadline, f"{generator_replicas()} Generator replicas, not {count}"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +81,8 @@ def service(tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy(redis_url, 2, s3_endpoint)
         base = f"http://127.0.0.1:{port}"
-        wait_ready(base)
+        wait_ready(base, timeout=300)
+        wait_replicas(2)
         try:
             yield {"base": base, "redis_url": redis_url, "s3": s3_endpoint}
         finally:
@@ -182,10 +191,7 @@ def test_every_request_lands_on_its_replica_also_after_a_scale_up(service):
         assert table.hget(f"session:{s['session_id']}", "replica") == owners[s["session_id"]]
 
     deploy(service["redis_url"], 3, service["s3"])
-    deadline = time.monotonic() + 60
-    while generator_replicas() != 3 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert generator_replicas() == 3
+    wait_replicas(3)
     for s in sessions:  # the old replicas kept running: every session is where it was
         assert status(base, s)["replica"] == owners[s["session_id"]]
     newcomers = [created(base, prompt=f"{FOREST}, take {i}", max_seconds=1) for i in range(3)]
