@@ -94,6 +94,19 @@ def run_job(
     return "done"
 
 
+def notify(claimed: Claimed, state: str) -> None:
+    """POST {job_id, state} to the job's callback URL, if any; a failing callback never fails the job."""
+    url = claimed.request.callback_url
+    if url is None:
+        return
+    import httpx
+
+    try:
+        httpx.post(str(url), json={"job_id": claimed.job_id, "state": state}, timeout=10).raise_for_status()
+    except httpx.HTTPError as err:
+        logger.warning("job %s: callback %s failed: %s", claimed.job_id, url, err)
+
+
 class JobWorker:
     """Claims jobs while the host has room beyond `reserve` slots kept free for live sessions."""
 
@@ -137,6 +150,8 @@ class JobWorker:
             try:
                 state = run_job(self.host, self.queue, self.store, claimed, self.consumer, self.preempt)
                 logger.info("job %s: %s", claimed.job_id, state)
+                if state != "preempted":
+                    notify(claimed, state)
             except Exception as err:  # noqa: BLE001 - any failure is recorded and retried or dead-lettered
                 logger.exception("job %s failed", claimed.job_id)
                 self.queue.fail(claimed, f"{type(err).__name__}: {err}")

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import av
@@ -38,9 +41,18 @@ CREDENTIALS = {
 
 
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
+def redis_server_url(tmp_path_factory):
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
+
+
+@pytest.fixture
+def redis_url(redis_server_url):
+    """An empty database per test: no test's jobs are left in the next one's queue."""
+    import redis
+
+    redis.Redis.from_url(redis_server_url).flushdb()
+    return redis_server_url
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +109,30 @@ def open_uploads(store: S3Store) -> list:
     return store.client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
 
 
-def test_a_60_s_job_with_three_switches_lands_in_s3(pipe, redis_url, s3):
+@pytest.fixture
+def callback_server():
+    """A real HTTP endpoint that records the JSON bodies POSTed to it."""
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/done", received
+    server.shutdown()
+
+
+def test_a_60_s_job_with_three_switches_lands_in_s3(pipe, redis_url, s3, callback_server):
     queue, store = JobQueue(redis_url), S3Store(BUCKET, s3)
-    request = job(60)
+    callback_url, callbacks = callback_server
+    request = job(60, callback_url=callback_url)
     job_id, duplicate = queue.submit(request, frames_total(60))
     assert not duplicate
     worker = start_worker(pipe, queue, store, "w-60")
@@ -112,6 +145,10 @@ def test_a_60_s_job_with_three_switches_lands_in_s3(pipe, redis_url, s3):
     data = httpx.get(url, timeout=30).content  # the presigned URL serves it
     assert count_frames(data) == 969
     assert not open_uploads(store)
+    deadline = time.monotonic() + 10
+    while not callbacks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert callbacks == [{"job_id": job_id, "state": "done"}]
 
 
 def test_idempotency_key_returns_the_first_job(redis_url):
