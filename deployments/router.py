@@ -10,11 +10,14 @@ holds a handle to the Generator (each ingress replica), so all of them share the
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from .store import SessionStore
+
+OWNER_CACHE_SIZE = 100_000  # sessions whose owner this process remembers without asking Redis
 
 
 class SessionRouter(RequestRouter):
@@ -25,7 +28,7 @@ class SessionRouter(RequestRouter):
     def initialize_state(self, redis_url: str = "redis://127.0.0.1:6379/0") -> None:
         self.redis_url = redis_url
         self._store: SessionStore | None = None  # made on the router's own event loop
-        self._owners: dict[str, str] = {}  # session -> replica id, as read from the table
+        self._owners: OrderedDict[str, str] = OrderedDict()  # session -> replica id, recently used last
 
     @property
     def store(self) -> SessionStore:
@@ -45,6 +48,9 @@ class SessionRouter(RequestRouter):
         if owner is None:
             owner = await self.store.claim(session_id, await self._least_loaded(by_id))
         self._owners[session_id] = owner
+        self._owners.move_to_end(session_id)
+        if len(self._owners) > OWNER_CACHE_SIZE:
+            self._owners.popitem(last=False)
         if owner in by_id:
             return [[by_id[owner]]]
         # The owner is gone (replica died or was removed): any replica answers that it lacks the session.

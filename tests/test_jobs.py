@@ -15,8 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import av
+import boto3  # noqa: E402
 import httpx
 import pytest
+from moto.server import ThreadedMotoServer  # noqa: E402
 from pydantic import ValidationError
 
 from jobs.queue import DEAD, JobQueue
@@ -26,9 +28,6 @@ from jobs.worker import JobWorker, frames_total, video_key
 from longlive_core.live import LiveHost
 from longlive_core.pipeline import LongLivePipeline
 from tests.serving import redis_server
-
-boto3 = pytest.importorskip("boto3")
-from moto.server import ThreadedMotoServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (48, 32)

@@ -15,17 +15,16 @@ import boto3
 import httpx
 import numpy as np
 import pytest
+import ray  # noqa: E402
 import redis
 import yaml
+from ray import serve  # noqa: E402
+from ray.serve.context import _get_global_client  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from longlive_core.fmp4 import FragmentedMp4Encoder
 from longlive_core.pipeline import LongLivePipeline
 from tests.serving import free_port, redis_server, wait_ready
-
-ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
-from ray.serve.context import _get_global_client  # noqa: E402
-from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 SIZE = (48, 32)
 BUCKET = "longlive-videos"

@@ -11,13 +11,10 @@ from pathlib import Path
 
 import av
 import httpx
-import pytest
 import yaml
 
-from tests.serving import free_port, wait_ready
-
-pytest.importorskip("ray")
 from deployments.local import redis_answers  # noqa: E402
+from tests.serving import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
