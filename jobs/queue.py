@@ -79,7 +79,8 @@ class JobQueue:
     # -- workers -----------------------------------------------------------------------------------
     def claim(self, consumer: str, block_ms: int = 1000) -> Claimed | None:
         """The next job for `consumer`: a dead worker's stale one first, else a new one."""
-        _, stale, _ = self.redis.xautoclaim(STREAM, GROUP, consumer, self.stale_after_ms, "0-0", count=1)
+        # Redis 7 answers [next, entries, deleted], 6.2 [next, entries]: take the entries.
+        stale = self.redis.xautoclaim(STREAM, GROUP, consumer, self.stale_after_ms, "0-0", count=1)[1]
         entries = stale or [
             entry
             for _, found in (self.redis.xreadgroup(GROUP, consumer, {STREAM: ">"}, 1, block_ms) or [])

@@ -143,7 +143,12 @@ class JobWorker:
             if self.preempt.is_set() or self.host.load >= self.host.max_sessions - self.reserve:
                 time.sleep(0.1)
                 continue
-            claimed = self.queue.claim(self.consumer, block_ms=200)
+            try:
+                claimed = self.queue.claim(self.consumer, block_ms=200)
+            except Exception:  # noqa: BLE001 - e.g. Redis away: keep the worker, try again
+                logger.exception("claiming a job failed")
+                time.sleep(1)
+                continue
             if claimed is None:
                 continue
             self.running = claimed

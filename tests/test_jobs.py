@@ -15,10 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import av
-import boto3  # noqa: E402
+import boto3
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer  # noqa: E402
+from moto.server import ThreadedMotoServer
 from pydantic import ValidationError
 
 from jobs.queue import DEAD, JobQueue

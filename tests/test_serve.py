@@ -15,12 +15,12 @@ import boto3
 import httpx
 import numpy as np
 import pytest
-import ray  # noqa: E402
+import ray
 import redis
 import yaml
-from ray import serve  # noqa: E402
-from ray.serve.context import _get_global_client  # noqa: E402
-from ray.serve.schema import ServeDeploySchema  # noqa: E402
+from ray import serve
+from ray.serve.context import _get_global_client
+from ray.serve.schema import ServeDeploySchema
 
 from longlive_core.fmp4 import FragmentedMp4Encoder
 from longlive_core.pipeline import LongLivePipeline

@@ -13,7 +13,7 @@ import av
 import httpx
 import yaml
 
-from deployments.local import redis_answers  # noqa: E402
+from deployments.local import redis_answers
 from tests.serving import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
