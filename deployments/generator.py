@@ -57,7 +57,7 @@ class Generator:
         self.host = build_host(self.config)
         self.host.warm_up()
         self.events = ReplicaEvents(self.config.redis_url, self.replica_id)
-        self.events.set_load(0)
+        self.events.set_free_slots(self.host.max_sessions)
         self.jobs = build_job_worker(self.config, self.host, self.replica_id) if self.config.jobs else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
@@ -68,10 +68,10 @@ class Generator:
         try:
             await self._admit(session_id, prompt, seed, max_seconds)
         except CapacityError as err:
-            self.events.set_load(self.host.load)  # so the retry's routing sees this replica as full
+            self._publish_free_slots()  # so the retry's routing sees this replica as full
             raise ReplicaFull(str(err)) from None
         self.events.follow(session_id)
-        self.events.set_load(self.host.load)  # at once, before the next create is routed
+        self._publish_free_slots()  # at once, before the next create is routed
         return {"replica": self.replica_id}
 
     async def _admit(self, session_id: str, prompt: str, seed: int, max_seconds: float | None) -> None:
@@ -126,6 +126,9 @@ class Generator:
             self.jobs.stop.set()
 
     # -- internals ---------------------------------------------------------------------------------
+    def _publish_free_slots(self) -> None:
+        self.events.set_free_slots(self.host.max_sessions - self.host.load)
+
     def _next_chunk(self, session_id: str):
         try:
             return self.host.next_chunk(session_id, timeout=self.config.idle_timeout_s)
@@ -154,7 +157,7 @@ class Generator:
                     self.events.unfollow(session_id)
                 if self.host.load != published:  # admission reads it: keep it current
                     published = self.host.load
-                    self.events.set_load(published)
+                    self._publish_free_slots()
             except Exception:
                 logger.exception("engine loop failed")
                 raise

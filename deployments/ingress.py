@@ -18,8 +18,8 @@ from .schemas import CreateSession, PostPrompt, Problem, PromptPosted, SessionCr
 from .store import SessionStore, token_digest, token_matches
 
 app = FastAPI(title="longlive", description="Real-time interactive long text-to-video (LongLive)")
-ADMISSION_ATTEMPTS = 5
-ADMISSION_BACKOFF_S = 0.05
+ADMISSION_ATTEMPTS = 8
+ADMISSION_BACKOFF_S = 0.1
 ERRORS = {403: {"model": Problem}, 404: {"model": Problem}, 503: {"model": Problem}}
 
 

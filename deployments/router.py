@@ -2,7 +2,7 @@
 
 A custom Ray Serve RequestRouter with an explicit session -> replica table in Redis (hard pins), chosen
 over `ConsistentHashRouter`, which moves sessions to a new replica when one is added (their caches would
-be lost). A session's first request (create) goes to the least-loaded replica by live sessions (each
+be lost). A session's first request (create) goes to the replica with the most free session slots (each
 replica publishes its load in Redis), not where a hash puts it. The router runs in every process that
 holds a handle to the Generator (each ingress replica), so all of them share the table.
 """
@@ -57,6 +57,7 @@ class SessionRouter(RequestRouter):
         return [candidate_replicas]
 
     async def _least_loaded(self, by_id: dict[str, RunningReplica]) -> str:
-        loads = await self.store.loads()
-        fewest = min(loads.get(rid, 0) for rid in by_id)
-        return random.choice([rid for rid in by_id if loads.get(rid, 0) == fewest])  # spread ties
+        """The replica with the most free slots (replicas of any size); ties spread at random."""
+        free = await self.store.free_slots()
+        most = max(free.get(rid, 0) for rid in by_id)
+        return random.choice([rid for rid in by_id if free.get(rid, 0) == most])

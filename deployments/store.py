@@ -9,7 +9,7 @@ import time
 
 SESSION = "session:{}"  # hash: token_sha256, replica, seed, created_at
 EVENTS = "session:{}:events"  # stream of {"type": "prompt", "prompt": ...}
-LOAD = "replica_load"  # hash: replica id -> live sessions
+LOAD = "replica_load"  # hash: replica id -> free session slots (capacity - live sessions)
 EVENTS_MAXLEN = 1000
 SESSION_TTL_S = 24 * 3600
 
@@ -48,7 +48,7 @@ class SessionStore:
         await self.redis.hsetnx(SESSION.format(session_id), "replica", replica_id)
         return await self.owner(session_id)
 
-    async def loads(self) -> dict[str, int]:
+    async def free_slots(self) -> dict[str, int]:
         return {k: int(v) for k, v in (await self.redis.hgetall(LOAD)).items()}
 
     async def post_prompt(self, session_id: str, prompt: str) -> str:
@@ -78,11 +78,8 @@ class ReplicaEvents:
     def unfollow(self, session_id: str) -> None:
         self.positions.pop(session_id, None)
 
-    def set_load(self, sessions: int) -> None:
-        self.redis.hset(LOAD, self.replica_id, sessions)
-
-    def clear_load(self) -> None:
-        self.redis.hdel(LOAD, self.replica_id)
+    def set_free_slots(self, slots: int) -> None:
+        self.redis.hset(LOAD, self.replica_id, slots)
 
     def poll(self) -> list[tuple[str, dict]]:
         """New events of the followed sessions, oldest first, without blocking."""
