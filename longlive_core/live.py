@@ -114,7 +114,7 @@ class LiveHost:
     def load(self) -> int:
         """Sessions that hold or will hold a cache slot."""
         with self._lock:
-            return sum(not s.finished for s in self.sessions.values())
+            return self._live_count()
 
     def open(
         self,
@@ -140,7 +140,7 @@ class LiveHost:
         with self._lock:
             if session_id in self.sessions:
                 raise ValueError(f"session {session_id!r} exists")
-            if sum(not s.finished for s in self.sessions.values()) >= self.max_sessions:
+            if self._live_count() >= self.max_sessions:
                 raise CapacityError(f"host runs its maximum of {self.max_sessions} sessions")
             session = LiveSession(
                 session_id, seed, num_blocks, [PromptEntry(prompt, now, block=0)], deque(), last_read=now
@@ -269,6 +269,9 @@ class LiveHost:
             self.playback_speed, self.idle_timeout_s = speed, idle
 
     # -- internals ---------------------------------------------------------------------------------
+    def _live_count(self) -> int:
+        return sum(not s.finished for s in self.sessions.values())
+
     def _get(self, session_id: str) -> LiveSession:
         try:
             return self.sessions[session_id]
