@@ -18,44 +18,60 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class RedisServer:
+    """redis-server on a loopback port with append-only persistence (fsync on every write, as the
+    shipped configs set it), restartable on the same port and data directory."""
+
+    def __init__(self, directory: Path, port: int | None = None):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
+        self.directory = directory
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.command = [
+            binary,
+            *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory)),
+            *("--appendonly", "yes", "--appendfsync", "always", "--save", ""),
+        ]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise TimeoutError(f"redis-server on port {self.port} did not start")
+
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM (a clean shutdown) or SIGKILL (a crash: only what was fsynced survives)."""
+        if self.proc is not None:
+            self.proc.kill() if kill else self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
 @contextmanager
 def redis_server(directory: Path):
-    """redis-server on a free loopback port, append-only persistence as the shipped configs use."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(directory),
-            "--appendonly",
-            "yes",
-            "--save",
-            "",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    import redis
+    """A started RedisServer's URL; stopped on exit."""
+    with running_redis(directory) as server:
+        yield server.url
 
-    client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
+
+@contextmanager
+def running_redis(directory: Path):
+    server = RedisServer(directory)
+    server.start()
     try:
-        yield url
+        yield server
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
 
 
 def wait_ready(base: str, timeout: float = 120) -> None:
