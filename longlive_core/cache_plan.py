@@ -100,9 +100,33 @@ class CacheLayout:
 
     def plan_recache(self, committed: int) -> PassPlan | None:
         """The KV-recache pass after `committed` frames, under the new prompt (None: nothing to do)."""
-        cfg = self.config
-        if committed == 0 or cfg.recache == "off":
+        if committed == 0 or self.config.recache == "off":
             return None
+        return self._plan_rebuild(committed)
+
+    def plan_restore(self, committed: int, sink_frames: int) -> tuple[PassPlan | None, PassPlan]:
+        """Rebuild the cache of a session that moved here after `committed` frames, from clean latents.
+
+        Returns (sink pass, recache pass). The sink pass recomputes frames 0..sink_frames-1 (the pass
+        that last wrote the sink: the first block, or a recache while the window was filling) and is
+        needed only when the sink is not among the recached frames. The recache pass is the one a prompt
+        switch at this point would run (also when prompt switches do not recache): the restored session
+        continues exactly like one that stayed and had its prompt re-posted here.
+        """
+        cfg = self.config
+        if committed <= 0:
+            raise ValueError(f"nothing to restore after {committed} frames")
+        if not cfg.sink_frames <= sink_frames <= min(committed, cfg.window_frames):
+            raise ValueError(
+                f"sink_frames must be in [{cfg.sink_frames}, {cfg.window_frames}]: {sink_frames}"
+            )  # noqa: E501
+        sink_plan = None
+        if cfg.global_sink and committed > cfg.window_frames:
+            sink_plan = self._plan(list(range(sink_frames)), block_causal=cfg.recache == "block_causal")
+        return sink_plan, self._plan_rebuild(committed)
+
+    def _plan_rebuild(self, committed: int) -> PassPlan:
+        cfg = self.config
         window, sink = cfg.window_frames, cfg.sink_frames
         if not cfg.global_sink:
             # Drop everything; the first recached frames become the new sink.

@@ -8,6 +8,7 @@ comes from host-side plans, never read back from the device.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -24,7 +25,7 @@ from .models.transformer_causal_wan import (
 from .noise import block_noise
 from .runtime import attention_backend, prepare
 from .sampler import FlowMatchSampler
-from .scheduler import BlockWork, RecacheWork, Scheduler, SchedulerOutput
+from .scheduler import BlockWork, RecacheWork, RestoreWork, Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,12 @@ def to_device(data: Tensor | list, device: torch.device, dtype: torch.dtype | No
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class RestoreInputs:
+    recent: Tensor  # [C, F, H, W] the last clean latent frames
+    sink: tuple[Tensor, Tensor] | None  # (prompt context input, latents [C, S, H, W]) of the sink pass
 
 
 class Engine:
@@ -68,6 +75,7 @@ class Engine:
             max_sessions, config.window_frames, mc.in_dim, *latent_size, device=model.device
         )
         self.prompts: dict[str, Tensor] = {}  # latest prompt embedding per session, padded
+        self._restoring: dict[str, RestoreInputs] = {}  # moved sessions until their cache is rebuilt
 
     # -- requests ----------------------------------------------------------------------------------
     def add_session(
@@ -86,6 +94,50 @@ class Engine:
         self.scheduler.add_session(session_id, seed, num_blocks, first_frame)
         self.prompts[session_id] = prompt
 
+    def restore_session(
+        self,
+        session_id: str,
+        prompt_embeds: Tensor,
+        seed: int,
+        blocks_done: int,
+        recent_latents: Tensor,
+        sink_prompt_embeds: Tensor | None = None,
+        sink_latents: Tensor | None = None,
+        num_blocks: int | None = None,
+    ) -> None:
+        """Queue a session that ran `blocks_done` blocks elsewhere; its cache is rebuilt from clean latents
+        when it joins (one recache pass, plus a sink pass once the window has slid), and it continues at
+        block `blocks_done` with the same noise it would have drawn there.
+
+        recent_latents: [C, F, H, W], its last F = min(committed, window_frames) clean latent frames.
+        sink_prompt_embeds, sink_latents [C, S, H, W]: the prompt and frames 0..S-1 of the pass that last
+        wrote the sink (needed once committed frames exceed the window, with a global sink).
+        """
+        cfg = self.config
+        committed = blocks_done * cfg.block_frames
+        if blocks_done < 1:
+            raise ValueError(f"blocks_done must be >= 1 to restore, got {blocks_done}")
+        frames = min(committed, cfg.window_frames)
+        expected = (self.model.config.in_dim, frames, *self.latent_size)
+        if tuple(recent_latents.shape) != expected:
+            raise ValueError(f"recent_latents must have shape {expected}, got {tuple(recent_latents.shape)}")
+        needs_sink = cfg.global_sink and committed > cfg.window_frames
+        sink = None
+        if needs_sink:
+            if sink_prompt_embeds is None or sink_latents is None:
+                raise ValueError("restoring after the window slid needs the sink's prompt and latents")
+            sink = (self._check_prompt(sink_prompt_embeds), sink_latents.to(self.model.device))
+        prompt = self._check_prompt(prompt_embeds)
+        self.scheduler.add_session(
+            session_id,
+            seed,
+            num_blocks,
+            restore_blocks=blocks_done,
+            sink_frames=sink_latents.shape[1] if needs_sink else None,
+        )
+        self.prompts[session_id] = prompt
+        self._restoring[session_id] = RestoreInputs(recent_latents.to(self.model.device), sink)
+
     def set_prompt(self, session_id: str, prompt_embeds: Tensor) -> None:
         """New prompt for a session: applied by KV-recache before its next block."""
         prompt = self._check_prompt(prompt_embeds)
@@ -94,6 +146,7 @@ class Engine:
 
     def remove_session(self, session_id: str) -> None:
         self.scheduler.remove_session(session_id)
+        self._restoring.pop(session_id, None)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -135,8 +188,11 @@ class Engine:
             self.history[move.dst].copy_(self.history[move.src])
         for session_id in out.finished_ids:
             self.prompts.pop(session_id, None)
+            self._restoring.pop(session_id, None)
         for new in out.new_sessions:
             self.cache.set_context(new.slot, self.model.encode_context(self.prompts[new.session_id]))
+        for work in out.restores:
+            self._restore(work)
         # 2. Prompt switches: new cross-attention K/V, then the recache pass (one session at a time).
         for work in out.recaches:
             self._recache(work)
@@ -147,13 +203,31 @@ class Engine:
 
     def _recache(self, work: RecacheWork) -> None:
         self.cache.set_context(work.slot, self.model.encode_context(self.prompts[work.session_id]))
-        if work.plan is None:
-            return
-        rows = slice(work.slot, work.slot + 1)
-        frames = [f % self.config.window_frames for f in work.plan.query_frames]
-        latents = self.history[rows, to_device(frames, self.model.device)].transpose(1, 2)  # [1, C, F, H, W]
-        timestep = torch.zeros(1, len(frames), device=self.model.device)
-        rope, cache = self._pass_inputs([work.plan], rows)
+        if work.plan is not None:
+            self._clean_pass(work.slot, work.plan)
+
+    def _restore(self, work: RestoreWork) -> None:
+        inputs = self._restoring.pop(work.session_id)
+        window = self.config.window_frames
+        end = work.plan.query_frames[-1] + 1
+        frames = range(end - inputs.recent.shape[1], end)
+        self.history[work.slot, [f % window for f in frames]] = inputs.recent.transpose(0, 1).float()
+        if work.sink_plan is not None:
+            sink_prompt, sink_latents = inputs.sink
+            self.cache.set_context(work.slot, self.model.encode_context(sink_prompt))
+            self._clean_pass(work.slot, work.sink_plan, sink_latents[None])
+            self.cache.set_context(work.slot, self.model.encode_context(self.prompts[work.session_id]))
+        self._clean_pass(work.slot, work.plan)
+
+    def _clean_pass(self, slot: int, plan: PassPlan, latents: Tensor | None = None) -> None:
+        """A pass at t=0 over clean latent frames (default: the plan's frames from the history) that writes
+        their K/V under the slot's current prompt context."""
+        rows = slice(slot, slot + 1)
+        if latents is None:
+            frames = [f % self.config.window_frames for f in plan.query_frames]
+            latents = self.history[rows, to_device(frames, self.model.device)].transpose(1, 2)  # [1,C,F,H,W]
+        timestep = torch.zeros(1, latents.shape[2], device=self.model.device)
+        rope, cache = self._pass_inputs([plan], rows)
         self.model(latents, timestep, self.cache.context(rows), rope, cache)
 
     def _generate_blocks(self, blocks: list[BlockWork]) -> dict[str, Tensor]:

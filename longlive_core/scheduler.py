@@ -26,6 +26,7 @@ class SessionState:
     prompt_version: int = 0  # bumped by every set_prompt
     applied_version: int = 0  # the version the cache was last built under
     finished: bool = False
+    sink_frames: int = 0  # restored sessions: frames of the pass that last wrote the sink (0: not restored)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,16 @@ class RecacheWork:
 
 
 @dataclass(frozen=True)
+class RestoreWork:
+    """A session moved here: rebuild its cache from clean latents (sink pass, then recache pass)."""
+
+    session_id: str
+    slot: int
+    sink_plan: PassPlan | None
+    plan: PassPlan
+
+
+@dataclass(frozen=True)
 class BlockWork:
     """One block of one session: its denoising passes and the commit pass all follow `plan`."""
 
@@ -73,12 +84,14 @@ class SchedulerOutput:
     moves: list[SlotMove] = field(default_factory=list)  # 1. compaction after departures
     finished_ids: list[str] = field(default_factory=list)  # 2. left since last step: free their state
     new_sessions: list[NewSession] = field(default_factory=list)  # 3. joined: load prompt context
-    recaches: list[RecacheWork] = field(default_factory=list)  # 4. prompt switches, one pass each
-    blocks: list[BlockWork] = field(default_factory=list)  # 5. one block each; slots 0..len-1 in order
+    restores: list[RestoreWork] = field(default_factory=list)  # 4. moved here: rebuild their caches
+    recaches: list[RecacheWork] = field(default_factory=list)  # 5. prompt switches, one pass each
+    blocks: list[BlockWork] = field(default_factory=list)  # 6. one block each; slots 0..len-1 in order
 
     @property
     def is_empty(self) -> bool:
-        return not (self.moves or self.finished_ids or self.new_sessions or self.recaches or self.blocks)
+        parts = (self.moves, self.finished_ids, self.new_sessions, self.restores, self.recaches, self.blocks)
+        return not any(parts)
 
 
 class Scheduler:
@@ -95,14 +108,29 @@ class Scheduler:
 
     # -- requests ----------------------------------------------------------------------------------
     def add_session(
-        self, session_id: str, seed: int, num_blocks: int | None = None, first_frame: int = 0
+        self,
+        session_id: str,
+        seed: int,
+        num_blocks: int | None = None,
+        first_frame: int = 0,
+        restore_blocks: int = 0,
+        sink_frames: int | None = None,
     ) -> None:
+        """restore_blocks > 0: the session moved here after that many blocks; its cache is rebuilt when it
+        joins (sink_frames: frames of the pass that last wrote its sink, see CacheLayout.plan_restore)."""
         if session_id in self.sessions:
             raise ValueError(f"session_id {session_id!r} already exists")
         if num_blocks is not None and num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1 or None, got {num_blocks}")
+        if restore_blocks < 0 or (num_blocks is not None and restore_blocks >= num_blocks):
+            raise ValueError(f"restore_blocks must be in [0, num_blocks), got {restore_blocks}")
         layout = CacheLayout(self.config, self.max_positions, first_frame)
-        self.sessions[session_id] = SessionState(session_id, seed, num_blocks, layout)
+        state = SessionState(session_id, seed, num_blocks, layout)
+        if restore_blocks:
+            state.blocks_done = restore_blocks
+            state.committed_frames = restore_blocks * self.config.block_frames
+            state.sink_frames = sink_frames or self.config.sink_frames
+        self.sessions[session_id] = state
         self.waiting.append(session_id)
 
     def set_prompt(self, session_id: str) -> None:
@@ -148,6 +176,9 @@ class Scheduler:
             state.applied_version = state.prompt_version  # its first prompt needs no recache
             self.running.append(session_id)
             out.new_sessions.append(NewSession(session_id, state.slot))
+            if state.committed_frames:
+                sink_plan, plan = state.layout.plan_restore(state.committed_frames, state.sink_frames)
+                out.restores.append(RestoreWork(session_id, state.slot, sink_plan, plan))
         # 3. Prompt switches, then one block for every running session.
         for session_id in self.running:
             state = self.sessions[session_id]

@@ -156,3 +156,55 @@ def test_a_session_can_start_at_a_late_frame_index(model, rope_mode, tolerance):
         engine.step()  # frames 1020..1022
         with pytest.raises(ValueError, match="beyond the 1024 positions"):
             engine.step()
+
+
+@pytest.mark.parametrize("rope_mode", ["relative", "absolute"])
+@pytest.mark.parametrize("restore_at", [3, 6])  # 9 frames: window filling; 18: the window slid
+def test_a_restored_session_continues_exactly_like_one_that_recached_in_place(model, rope_mode, restore_at):
+    """A session rebuilt elsewhere from its clean latents (checkpoint restore) makes the same blocks as
+    the session that stayed and had its current prompt re-posted at that block (one recache): the same
+    noise (a function of seed, block, step) and the same cache. Its prompt switched at block 2, so the
+    sink was rewritten by that recache over 6 frames; the restore must rebuild it the same way."""
+    cfg = GenerationConfig(rope_mode=rope_mode)
+    seed, blocks, first, second = 5, restore_at + 3, prompt(0), prompt(1)
+
+    def stayed(repost: bool) -> list[torch.Tensor]:
+        session = GenerationSession(model, cfg, SIZE, first, seed=seed)
+        out = []
+        for b in range(blocks):
+            if b == 2 or (repost and b == restore_at):
+                session.set_prompt(second)
+            out.append(session.next_block())
+        return out
+
+    reposted, original = stayed(repost=True), stayed(repost=False)
+    frames = torch.cat(original[:restore_at], dim=1)  # [C, 3 * restore_at, H, W] clean latents
+
+    def restored(sink_frames: int = 6, sink_prompt: torch.Tensor = second, recent: int = 12) -> list:
+        engine = Engine(model, cfg, SIZE, max_sessions=2)
+        engine.add_session("other", prompt(2), seed=9)  # a neighbour in the batch, joined earlier
+        engine.step()
+        committed = 3 * restore_at
+        engine.restore_session(
+            "moved",
+            second,
+            seed,
+            restore_at,
+            frames[:, committed - min(committed, recent) :],
+            sink_prompt_embeds=sink_prompt,
+            sink_latents=frames[:, :sink_frames],
+        )
+        return [engine.step()["moved"] for _ in range(blocks - restore_at)]
+
+    got = restored()
+    for b, block in enumerate(got):
+        assert rel_err(block, reposted[restore_at + b]) < TOL, b
+    # Negative controls: the restore is a recache, so it differs from the block the session made without
+    # one; a sink rebuilt from the wrong frames or under the wrong prompt moves it beyond the tolerance.
+    # (On this tiny model a same-prompt recache moves a block by ~6e-4, as much as another first prompt.)
+    assert rel_err(got[0], original[restore_at]) > 20 * TOL
+    if restore_at * 3 > cfg.window_frames:
+        assert rel_err(restored(sink_frames=3)[0], reposted[restore_at]) > 20 * TOL
+        assert rel_err(restored(sink_prompt=first)[0], reposted[restore_at]) > 20 * TOL
+    with pytest.raises(ValueError, match="recent_latents"):
+        restored(recent=6)
