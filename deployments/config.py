@@ -28,6 +28,17 @@ class ServiceConfig(BaseModel):
     store_dir: str = Field("videos", description="local-directory store (the embedded default)")
     job_stale_after_s: float = Field(60, gt=0, description="a job silent this long is redone elsewhere")
     job_max_attempts: int = Field(3, ge=1)
+    # Security and limits (deployments/security.py; deployments/README.md "Security and limits").
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="service-wide keys for the X-API-Key header, plain or 'sha256:<hex digest>'; empty: "
+        "the env LONGLIVE_API_KEYS (comma separated), else no key needed",
+    )
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
+    rate_limit_per_minute: int = Field(600, ge=0, description="requests per client per minute; 0: off")
+    trust_forwarded_for: bool = Field(
+        False, description="key the rate limit by X-Forwarded-For's first entry"
+    )
 
     def job_queue(self):
         from jobs.queue import JobQueue

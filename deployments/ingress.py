@@ -15,12 +15,14 @@ from jobs.worker import frames_total
 from .config import ServiceConfig
 from .generator import ReplicaFull, SessionNotHere
 from .schemas import CreateSession, PostPrompt, Problem, PromptPosted, SessionCreated, SessionStatus
+from .security import install
 from .store import SessionStore, token_digest, token_matches
 
 app = FastAPI(title="longlive", description="Real-time interactive long text-to-video (LongLive)")
+guard = install(app)  # rate limit, API key, body size, error handlers (deployments/security.py)
 ADMISSION_ATTEMPTS = 8
 ADMISSION_BACKOFF_S = 0.1
-ERRORS = {403: {"model": Problem}, 404: {"model": Problem}, 503: {"model": Problem}}
+ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 413, 429, 503)}
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -38,6 +40,7 @@ class Ingress:
 
         self.generator = generator
         self.config = ServiceConfig(**config)
+        guard.configure(self.config)
         self.store = SessionStore(self.config.redis_url)
         self.jobs = JobQueue(
             self.config.redis_url, self.config.job_max_attempts, self.config.job_stale_after_s

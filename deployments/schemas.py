@@ -6,15 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-MAX_PROMPT_CHARS = 2000
+from longlive_core.schedule import MAX_PROMPT_CHARS, PromptText
+
+__all__ = ["MAX_PROMPT_CHARS"]  # the session API's prompt bound is the library's (one rule everywhere)
 
 
 class CreateSession(BaseModel):
-    prompt: str = Field(
-        min_length=1, max_length=MAX_PROMPT_CHARS, description="the prompt the video starts with"
-    )
+    prompt: PromptText = Field(description="the prompt the video starts with")
     max_seconds: float | None = Field(
-        None, gt=0, le=3600, description="end the session after this much video"
+        None, gt=0, le=3600, allow_inf_nan=False, description="end the session after this much video"
     )
     seed: int = Field(0, ge=0, lt=2**63)
 
@@ -28,7 +28,7 @@ class SessionCreated(BaseModel):
 
 
 class PostPrompt(BaseModel):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: PromptText
 
 
 class PromptPosted(BaseModel):

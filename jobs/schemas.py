@@ -9,14 +9,19 @@ from pydantic import BaseModel, Field, HttpUrl, model_validator
 from longlive_core.schedule import PromptChange, ScheduleError, validate_schedule
 
 MAX_SECONDS = 3600.0
-MAX_ENTRIES = 500
+MAX_ENTRIES = 500  # schedule entries; the ingress's max_body_bytes bounds the body as a whole
+IDEMPOTENCY_KEY = r"^[A-Za-z0-9._:-]+$"  # UUIDs, "render-1", "user:42.v2"; it becomes part of a Redis key
 
 
 class SubmitJob(BaseModel):
     schedule: list[PromptChange] = Field(min_length=1, max_length=MAX_ENTRIES)
-    seconds: float = Field(gt=0, le=MAX_SECONDS, description="video length; 240 s and beyond")
+    seconds: float = Field(
+        gt=0, le=MAX_SECONDS, allow_inf_nan=False, description="video length; 240 s and beyond"
+    )
     seed: int = Field(0, ge=0, lt=2**63)
-    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=200, pattern=IDEMPOTENCY_KEY, description="letters, digits, . _ : -"
+    )
     callback_url: HttpUrl | None = None
 
     @model_validator(mode="after")

@@ -8,13 +8,36 @@ A switch at `at` seconds acts at the first block boundary at or after it.
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
 from pathlib import Path
+from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 FPS = 16
 TEMPORAL_STRIDE = 4  # video frames per latent frame (after the first)
+MAX_PROMPT_CHARS = 2000  # well above what the text encoder reads (512 tokens)
+# C0 and C1 control characters except tab and newline, DEL, and lone surrogates (not encodable as UTF-8).
+_FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def check_prompt(prompt: str) -> str:
+    """The one prompt-text rule (CLI, schedules, the session and jobs APIs): text that encodes as UTF-8
+    (no lone surrogates), no NUL or other control character but newline and tab, and something visible
+    (not only whitespace or zero-width characters). Returns the prompt; the message never quotes it."""
+    bad = _FORBIDDEN.search(prompt)
+    if bad is not None:
+        char = ord(bad.group())
+        what = "a lone surrogate (not UTF-8 text)" if 0xD800 <= char <= 0xDFFF else "a control character"
+        raise ValueError(f"prompt has {what}, U+{char:04X}, at character {bad.start()}")
+    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in prompt):
+        raise ValueError("prompt must not be empty or only whitespace")
+    return prompt
+
+
+PromptText = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(check_prompt)]
 
 
 class PromptChange(BaseModel):
@@ -22,15 +45,8 @@ class PromptChange(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    at: float = Field(ge=0, description="seconds from the start of the video")
-    prompt: str = Field(min_length=1)
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must not be empty")
-        return prompt
+    at: float = Field(ge=0, allow_inf_nan=False, description="seconds from the start of the video")
+    prompt: PromptText
 
 
 class ScheduleError(ValueError):

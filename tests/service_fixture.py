@@ -30,6 +30,9 @@ BUCKET = "longlive-videos"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}
 CAPACITY = 6  # sessions per replica
 SPEED = 4.0  # playback clock at 4x real time: paced, but quick
+# Per client per minute: far above what any test sends from 127.0.0.1; the 429 test fills the counter of
+# its own client, named by X-Forwarded-For (trusted here: the tests are the only clients).
+RATE_LIMIT = 100_000
 RED, FOREST = "a red robot in a rainy city", "the robot walks into a forest"
 CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
@@ -46,6 +49,8 @@ def deploy(redis_url: str, replicas: int, s3_endpoint: str) -> None:
         idle_timeout_s=600,  # ended sessions stay answerable for the whole module
         s3_bucket=BUCKET,
         s3_endpoint_url=s3_endpoint,
+        rate_limit_per_minute=RATE_LIMIT,
+        trust_forwarded_for=True,
     )
     app["deployments"][0]["num_replicas"] = replicas
     # Not blocking: Serve's own wait gives up after 60 s, too short for a loaded 2-core CI machine.

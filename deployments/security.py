@@ -1,0 +1,271 @@
+"""The ingress's guard against bad input and unauthorised use (installed on the FastAPI app by `install`).
+
+One pure ASGI middleware, for HTTP and WebSocket alike, checks in this order:
+1. rate limit per client (fixed 1-minute window counted in Redis, shared by all ingress replicas) -> 429;
+2. the service-wide API key (`X-API-Key`, when any key is configured) -> 401 (WebSocket: close 4401);
+3. the request body's size (Content-Length, and the bytes actually streamed) -> 413;
+and answers any exception the app did not handle with a 500 that names a request id, never a traceback.
+Exception handlers: Redis down -> 503 with Retry-After; a bad body -> 422 listing loc + msg per error only.
+Per-session and per-job bearer tokens stay with the routes (ingress.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.websockets import WebSocket
+
+from .config import ServiceConfig
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+logger = logging.getLogger("longlive.security")
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/openapi.json"})  # no API key needed
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz"})  # probes: not rate limited, answer with Redis down
+RATE_KEY = "ratelimit:{}:{}"  # client, window (unix minute)
+WINDOW_S = 60
+API_KEYS_ENV = "LONGLIVE_API_KEYS"
+STORAGE_DOWN = "storage unavailable, retry later"
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)  # redis.asyncio's too
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def api_key_digests(configured: list[str]) -> list[str]:
+    """SHA-256 digests of the configured keys (`sha256:<hex>` entries are digests already); the env
+    LONGLIVE_API_KEYS (comma separated, same forms) when the config lists none."""
+    keys = configured or [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    return [k[len("sha256:") :].lower() if k.startswith("sha256:") else key_digest(k) for k in keys]
+
+
+def rate_key(client: str, now: float) -> str:
+    return RATE_KEY.format(client, int(now // WINDOW_S))
+
+
+def request_id(scope: Scope) -> str:
+    """Ray Serve's proxy puts its request id into the headers (and answers with it as X-Request-ID)."""
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id":
+            value = value.decode("latin-1")
+            if _REQUEST_ID.match(value):
+                return value
+    return uuid.uuid4().hex
+
+
+def header(scope: Scope, wanted: bytes) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == wanted:
+            return value.decode("latin-1")
+    return None
+
+
+class Guard:
+    """The checks' settings and Redis client; `configure` is called by the Ingress's constructor."""
+
+    def __init__(self) -> None:
+        self.config: ServiceConfig | None = None
+        self.digests: list[str] = []
+        self.redis = None
+
+    def configure(self, config: ServiceConfig) -> None:
+        import redis.asyncio as aioredis
+
+        self.digests = api_key_digests(config.api_keys)
+        self.redis = aioredis.from_url(config.redis_url, decode_responses=True)
+        self.config = config
+
+    @property
+    def retry_after(self) -> str:
+        return str(self.config.retry_after_s if self.config else 5)
+
+    def client(self, scope: Scope) -> str:
+        if self.config.trust_forwarded_for:
+            forwarded = header(scope, b"x-forwarded-for")
+            if forwarded and forwarded.split(",")[0].strip():
+                return forwarded.split(",")[0].strip()[:64]
+        client = scope.get("client")
+        return client[0] if client else "unknown"
+
+    def key_ok(self, scope: Scope) -> bool:
+        if not self.digests:
+            return True
+        given = header(scope, b"x-api-key")
+        digest = key_digest(given) if given else ""
+        found = False
+        for expected in self.digests:  # no early exit: the time does not tell which key matched
+            found |= hmac.compare_digest(expected, digest)
+        return found
+
+    async def over_limit(self, scope: Scope) -> int | None:
+        """Counts this request; returns Retry-After seconds when the client is over its limit."""
+        limit = self.config.rate_limit_per_minute
+        if limit == 0 or scope["path"] in UNLIMITED_PATHS:
+            return None
+        now = time.time()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            key = rate_key(self.client(scope), now)
+            count, _ = await pipe.incr(key).expire(key, 2 * WINDOW_S).execute()
+        if count <= limit:
+            return None
+        return max(1, math.ceil(WINDOW_S - now % WINDOW_S))
+
+
+class GuardMiddleware:
+    """Rate limit, API key, body size and the last-resort 500 (see the module docstring)."""
+
+    def __init__(self, app: Callable, guard: Guard):
+        self.app = app
+        self.guard = guard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        guard, rid = self.guard, request_id(scope)
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] in ("http.response.start", "websocket.accept", "websocket.close"):
+                started = True
+            await send(message)
+
+        async def refuse(status: int, body: dict, headers: dict | None = None, ws_code: int = 4400) -> None:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": ws_code, "reason": body["detail"][:100]})
+            else:
+                await JSONResponse(body, status, headers)(scope, receive, send)
+
+        # 1. Rate limit (Redis; down -> 503 like every other route that needs it).
+        if guard.config is None:
+            await refuse(503, {"detail": "starting, retry later"}, {"Retry-After": "1"}, 1013)
+            return
+        try:
+            retry = await guard.over_limit(scope)
+        except REDIS_DOWN:
+            await refuse(503, {"detail": STORAGE_DOWN}, {"Retry-After": guard.retry_after}, 1013)
+            return
+        if retry is not None:
+            await refuse(429, {"detail": "rate limit exceeded"}, {"Retry-After": str(retry)}, 4429)
+            return
+        # 2. API key.
+        if scope["path"] not in PUBLIC_PATHS and not guard.key_ok(scope):
+            await refuse(401, {"detail": "missing or wrong X-API-Key"}, ws_code=4401)
+            return
+        # 3. Body size: the declared length first, then the bytes actually sent (chunked bodies).
+        if scope["type"] == "http":
+            limit = guard.config.max_body_bytes
+            declared = header(scope, b"content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > limit):
+                too_big = declared.isdigit()
+                await refuse(
+                    413 if too_big else 400,
+                    {"detail": f"body over {limit} bytes" if too_big else "bad Content-Length"},
+                )
+                return
+            receive = await self._bounded_body(receive, limit)
+            if receive is None:
+                await refuse(413, {"detail": f"body over {limit} bytes"})
+                return
+        # 4. The app; anything it did not handle becomes a 500 naming the request id.
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            logger.exception(
+                "request %s %s failed (request id %s)", scope.get("method", "WS"), scope["path"], rid
+            )
+            if started:
+                raise  # mid-response: only aborting the connection tells the client
+            await refuse(500, {"detail": "internal error", "request_id": rid}, ws_code=1011)
+
+    @staticmethod
+    async def _bounded_body(receive: Receive, limit: int) -> Receive | None:
+        """Reads the body (at most `limit` bytes) and returns a receive that replays it, then goes on
+        with the connection's own (for disconnects); None when the body is larger."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                chunks.append(message)  # a disconnect: the app sees it
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                return None
+            chunks.append(message)
+            if not message.get("more_body", False):
+                break
+        if len(chunks) == 1:
+            replay = [chunks[0]]
+        else:
+            body = b"".join(m.get("body", b"") for m in chunks if m["type"] == "http.request")
+            replay = [{"type": "http.request", "body": body, "more_body": False}]
+            replay += [m for m in chunks if m["type"] != "http.request"]
+
+        async def bounded() -> Message:
+            return replay.pop(0) if replay else await receive()
+
+        return bounded
+
+
+def _text(value: object, limit: int) -> str:
+    """Cut short, and what is not UTF-8 (lone surrogates) escaped: always encodable."""
+    return str(value)[:limit].encode("utf-8", "backslashreplace").decode()
+
+
+def validation_errors(exc: RequestValidationError) -> list[dict]:
+    """loc + msg per error: never the input (pydantic's `input` and `ctx` are dropped)."""
+    return [
+        {
+            "loc": [p if isinstance(p, int) else _text(p, 64) for p in e.get("loc", ())],
+            "msg": _text(e.get("msg", ""), 300),
+        }
+        for e in exc.errors()
+    ]
+
+
+def install(app: FastAPI) -> Guard:
+    """Adds the middleware and the exception handlers to `app`; returns the guard to `configure`."""
+    guard = Guard()
+    app.add_middleware(GuardMiddleware, guard=guard)
+
+    async def storage_down(request: Request, exc: Exception) -> JSONResponse:
+        logger.warning("Redis unavailable: %s", type(exc).__name__)
+        return JSONResponse({"detail": STORAGE_DOWN}, 503, {"Retry-After": guard.retry_after})
+
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_errors(exc)}, 422)
+
+    async def invalid_ws(websocket: WebSocket, exc: WebSocketRequestValidationError) -> None:
+        await websocket.close(code=1008, reason="invalid request")
+
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        # The middleware answers first; this covers a failure in the middleware itself.
+        rid = request_id(request.scope)
+        logger.error("request failed (request id %s)", rid, exc_info=exc)
+        return JSONResponse({"detail": "internal error", "request_id": rid}, 500)
+
+    for exc_class in REDIS_DOWN:
+        app.add_exception_handler(exc_class, storage_down)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(WebSocketRequestValidationError, invalid_ws)
+    app.add_exception_handler(Exception, internal)
+    return guard
