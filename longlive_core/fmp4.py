@@ -40,14 +40,32 @@ class FragmentedMp4Encoder:
     """`encode_block(frames)` -> bytes to send: the init segment + first fragment, then one fragment per
     block. Frames are uint8 RGB [n, H, W, 3] with H and W even."""
 
-    def __init__(self, width: int, height: int, fps: int = 16, crf: int = 23, preset: str = "veryfast"):
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        fps: int = 16,
+        crf: int = 23,
+        preset: str = "veryfast",
+        start_frame: int = 0,
+        start_fragment: int = 0,
+        send_init: bool = True,
+    ):
+        """start_frame, start_fragment: continue a stream another encoder began (same size and settings,
+        hence the same init segment; send_init=False leaves it out): decode times count from start_frame
+        and sequence numbers from start_fragment + 1."""
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"width and height must be positive and even, got {width}x{height}")
+        if start_frame < 0 or start_fragment < 0:
+            raise ValueError(
+                f"start_frame and start_fragment must be >= 0, got {start_frame}, {start_fragment}"
+            )
         self.width, self.height, self.fps = width, height, fps
         self.options = {"crf": str(crf), "preset": preset, "tune": "zerolatency"}
         self.init_segment: bytes | None = None
-        self.frames_encoded = 0
-        self.fragments = 0
+        self.frames_encoded = start_frame
+        self.fragments = start_fragment
+        self._init_pending = send_init
 
     @property
     def mime_type(self) -> str | None:
@@ -93,7 +111,8 @@ class FragmentedMp4Encoder:
                 self.fragments += 1
                 self._patch_moof(media, offset, size, self.fragments, base_time)
         self.frames_encoded += len(frames)
-        return (init if self.fragments == 1 else b"") + bytes(media)
+        head, self._init_pending = (init if self._init_pending else b""), False
+        return head + bytes(media)
 
     @staticmethod
     def _timescale(init: bytes) -> int:

@@ -16,14 +16,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
+from .checkpoint import ROLLBACK_BLOCKS, CheckpointError, SessionCheckpoint, TimelineEntry
 from .engine import Engine
 from .pipeline import VAE_STRIDE, LongLivePipeline, to_uint8_frames
-from .schedule import FPS, blocks_for_seconds, video_frames
+from .schedule import FPS, block_of_frame, blocks_for_seconds, video_frames
 
 
 class CapacityError(RuntimeError):
@@ -45,21 +46,11 @@ class Chunk:
 
 
 @dataclass
-class PromptEntry:
-    """A prompt of a session's timeline: when it was posted and the block it took effect at."""
-
-    prompt: str
-    posted_at: float
-    block: int | None = None  # None until applied (the next block boundary)
-    applied_at: float | None = None
-
-
-@dataclass
 class LiveSession:
     session_id: str
     seed: int
     num_blocks: int | None
-    prompts: list[PromptEntry]
+    prompts: list[TimelineEntry]
     buffer: deque[Chunk]
     decoder_stream: object = None
     blocks_done: int = 0
@@ -73,6 +64,9 @@ class LiveSession:
     waiting: list[int] = field(default_factory=list)  # timeline indices posted, not yet applied
     scheduled: dict[int, str] = field(default_factory=dict)  # block -> prompt applied right before it
     paced: bool = True  # False: batch work, as fast as the device allows
+    read_blocks: int = 0  # blocks handed to a reader (a restore elsewhere resumes here)
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> clean latents, for checkpoints
+    replay: dict[int, int] = field(default_factory=dict)  # restored: block -> timeline index applied there
 
 
 class LiveHost:
@@ -86,7 +80,9 @@ class LiveHost:
         idle_timeout_s: float = 60.0,
         playback_speed: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        checkpoints: bool = False,
     ):
+        """checkpoints: keep the clean latents `checkpoint()` needs for live (paced) sessions."""
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if playback_speed < 0:
@@ -103,6 +99,8 @@ class LiveHost:
         self.idle_timeout_s = idle_timeout_s
         self.playback_speed = playback_speed
         self.clock = clock
+        self.checkpoints = checkpoints
+        self.window_blocks = self.config.window_frames // self.config.block_frames
         self.sessions: dict[str, LiveSession] = {}
         self.step_seconds: deque[float] = deque(maxlen=1000)  # block steps incl. decode, newest last
         self._commands: deque[Callable[[], None]] = deque()
@@ -143,7 +141,7 @@ class LiveHost:
             if self._live_count() >= self.max_sessions:
                 raise CapacityError(f"host runs its maximum of {self.max_sessions} sessions")
             session = LiveSession(
-                session_id, seed, num_blocks, [PromptEntry(prompt, now, block=0)], deque(), last_read=now
+                session_id, seed, num_blocks, [TimelineEntry(prompt, now, block=0)], deque(), last_read=now
             )
             session.scheduled = dict(scheduled or {})
             session.paced = paced
@@ -151,15 +149,16 @@ class LiveHost:
             self._commands.append(lambda: self._join(session))
             self._wake.notify_all()
 
-    def post_prompt(self, session_id: str, prompt: str) -> int:
-        """Queue a prompt switch; returns its index in the session's timeline."""
+    def post_prompt(self, session_id: str, prompt: str, event_id: str | None = None) -> int:
+        """Queue a prompt switch; returns its index in the session's timeline. event_id: its id in the
+        session's prompt-event log (a checkpoint records how far the log was read)."""
         if not prompt or not prompt.strip():
             raise ValueError("prompt must not be empty")
         with self._lock:
             session = self._get(session_id)
             if session.finished:
                 raise ValueError(f"session {session_id!r} has ended")
-            session.prompts.append(PromptEntry(prompt, self.clock()))
+            session.prompts.append(TimelineEntry(prompt, self.clock(), event_id=event_id))
             index = len(session.prompts) - 1
             session.waiting.append(index)
             self._wake.notify_all()
@@ -182,7 +181,9 @@ class LiveHost:
             while True:
                 session.last_read = self.clock()
                 if session.buffer:
-                    return session.buffer.popleft()
+                    chunk = session.buffer.popleft()
+                    session.read_blocks = chunk.block + 1
+                    return chunk
                 if session.finished:
                     return None
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -213,6 +214,59 @@ class LiveHost:
                     for p in s.prompts
                 ],
             }
+
+    def checkpoint(self, session_id: str) -> SessionCheckpoint:
+        """What rebuilds the session on another host (see longlive_core.checkpoint)."""
+        with self._lock:
+            s = self._get(session_id)
+            return SessionCheckpoint(
+                session_id=s.session_id,
+                seed=s.seed,
+                num_blocks=s.num_blocks,
+                blocks_done=s.blocks_done,
+                read_blocks=s.read_blocks,
+                size=(self.width, self.height),
+                timeline=[replace(p) for p in s.prompts],
+                latents=dict(s.kept),
+            )
+
+    def restore(self, checkpoint: SessionCheckpoint, from_frame: int | None = None) -> int:
+        """Continue a session that ran on another host; returns the block it resumes at.
+
+        from_frame: the first video frame the viewer still needs (default: after the last block read).
+        Its cache is rebuilt from the checkpoint's latents (one recache pass, plus a sink pass once the
+        window slid), its decoder primed with the latest blocks, and prompt switches made after the resume
+        point are made again at the same blocks. Raises CheckpointError, CapacityError."""
+        cp = checkpoint
+        if tuple(cp.size) != (self.width, self.height):
+            raise CheckpointError(
+                f"checkpoint is for {cp.size[0]}x{cp.size[1]}, this host makes {self.width}x{self.height}"
+            )
+        if cp.num_blocks is not None and cp.blocks_done >= cp.num_blocks:
+            raise CheckpointError(f"session {cp.session_id!r} had finished")
+        wanted = None if from_frame is None else block_of_frame(from_frame, self.config.block_frames)
+        block = cp.resume_block(self.config, wanted)
+        timeline = [replace(e) for e in cp.timeline]
+        session = LiveSession(
+            cp.session_id, cp.seed, cp.num_blocks, timeline, deque(), last_read=self.clock()
+        )
+        session.blocks_done, session.read_blocks = block, block
+        session.frames_done = video_frames(block * self.config.block_frames) if block else 0
+        for index, entry in enumerate(timeline):
+            if entry.block is None:
+                session.waiting.append(index)
+            elif entry.block >= block and (entry.block > 0 or block > 0):
+                session.replay[entry.block] = index  # made again at the same block
+                entry.block, entry.applied_at = None, None
+        with self._lock:
+            if cp.session_id in self.sessions:
+                raise ValueError(f"session {cp.session_id!r} exists")
+            if self._live_count() >= self.max_sessions:
+                raise CapacityError(f"host runs its maximum of {self.max_sessions} sessions")
+            self.sessions[cp.session_id] = session
+            self._commands.append(lambda: self._join_restored(session, cp))
+            self._wake.notify_all()
+        return block
 
     def forget(self, session_id: str) -> None:
         """Drop an ended session's record."""
@@ -286,6 +340,40 @@ class LiveHost:
         session.decoder_stream = self.pipe.vae.new_stream()
         session.joined = True
 
+    def _join_restored(self, session: LiveSession, cp: SessionCheckpoint) -> None:
+        if session.finished:
+            return
+        block = session.blocks_done
+        if block == 0:
+            self._join(session)
+            return
+        current = max(
+            i for i, e in enumerate(session.prompts) if e.block is not None and 0 <= e.block < block
+        )
+        sink_index, sink_frames = cp.sink_source(self.config, block)
+        bf, window = self.config.block_frames, self.config.window_frames
+        recent = torch.cat([cp.latents[b] for b in range(max(0, block - self.window_blocks), block)], dim=1)
+        sink_latents = None
+        if self.config.global_sink and block * bf > window:
+            sink_latents = torch.cat([cp.latents[b] for b in range(sink_frames // bf)], dim=1)
+        encode = self.pipe.text_encoder.encode
+        self.engine.restore_session(
+            session.session_id,
+            encode(session.prompts[current].prompt),
+            session.seed,
+            block,
+            recent[:, -window:],
+            sink_prompt_embeds=encode(session.prompts[sink_index].prompt),
+            sink_latents=sink_latents,
+            num_blocks=session.num_blocks,
+        )
+        # The decoder carries a few frames of state: prime a fresh one with the latest blocks.
+        session.decoder_stream = self.pipe.vae.new_stream()
+        with torch.no_grad():
+            session.decoder_stream.decode(recent[None].to(self.pipe.vae_dtype))
+        session.kept = {b: cp.latents[b] for b in cp.latents if b < block}
+        session.joined = True
+
     def _leave(self, session: LiveSession) -> None:
         if session.joined:
             self.engine.remove_session(session.session_id)
@@ -326,8 +414,15 @@ class LiveHost:
         """The latest waiting prompt of each joined session (earlier ones are superseded: one recache)."""
         switches = []
         for s in self.sessions.values():
+            if s.replay:  # a restored session makes its switches again first, at their blocks
+                if s.joined and not s.finished and s.blocks_done in s.replay:
+                    index = s.replay.pop(s.blocks_done)
+                    s.prompts[index].block = s.blocks_done
+                    s.prompts[index].applied_at = self.clock()
+                    switches.append((s, index))
+                continue
             if s.joined and not s.finished and s.blocks_done in s.scheduled:
-                s.prompts.append(PromptEntry(s.scheduled.pop(s.blocks_done), self.clock()))
+                s.prompts.append(TimelineEntry(s.scheduled.pop(s.blocks_done), self.clock()))
                 s.waiting.append(len(s.prompts) - 1)
             if s.joined and not s.finished and s.waiting:
                 index = s.waiting[-1]
@@ -353,7 +448,7 @@ class LiveHost:
                 self._commands.append(lambda s=s: self._leave(s))
 
     def _deliver(self, latents: dict[str, torch.Tensor]) -> None:
-        decoded = {}
+        decoded, kept = {}, {}
         for sid, block in latents.items():
             session = self.sessions.get(sid)
             if session is None or session.decoder_stream is None:
@@ -361,6 +456,8 @@ class LiveHost:
             with torch.no_grad():
                 video = session.decoder_stream.decode(block[None].to(self.pipe.vae_dtype))
             decoded[sid] = to_uint8_frames(video)
+            if self.checkpoints and session.paced:  # the DiT's dtype: what a recache reads anyway
+                kept[sid] = block.to("cpu", self.pipe.transformer.dtype)
         now = self.clock()
         with self._lock:
             for sid, frames in decoded.items():
@@ -375,6 +472,11 @@ class LiveHost:
                     s.buffer.popleft()
                     s.dropped_blocks += 1
                 s.buffer.append(chunk)
+                if sid in kept:
+                    s.kept[s.blocks_done] = kept[sid]
+                    oldest = s.blocks_done - self.window_blocks - ROLLBACK_BLOCKS
+                    if oldest >= self.window_blocks:  # the first blocks stay: the sink was made of them
+                        s.kept.pop(oldest, None)
                 s.blocks_done += 1
                 s.frames_done += len(frames)
                 if s.playback_start is None:

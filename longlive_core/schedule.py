@@ -62,6 +62,12 @@ def block_start_video_frame(block: int, block_frames: int) -> int:
     return 0 if block == 0 else video_frames(block * block_frames)
 
 
+def block_of_frame(frame: int, block_frames: int) -> int:
+    """The block that produces video frame `frame` (inverse of block_start_video_frame)."""
+    first = video_frames(block_frames)
+    return 0 if frame < first else 1 + (frame - first) // (TEMPORAL_STRIDE * block_frames)
+
+
 def blocks_for_seconds(seconds: float, block_frames: int, fps: int = FPS) -> int:
     """The fewest blocks whose video has at least fps * seconds frames (at least one block)."""
     if seconds <= 0:

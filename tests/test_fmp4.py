@@ -56,6 +56,22 @@ def test_control_plain_concatenation_of_block_files_is_not_a_stream():
     assert [pts for pts, _, _ in decode(b"".join(parts))] != list(range(21))
 
 
+def test_a_second_encoder_continues_the_stream_where_the_first_stopped():
+    """Failover: another replica's encoder continues at the next block without a new init segment; the
+    joined bytes are one stream whose decode times run on without a gap."""
+    data = blocks([9, 12, 12, 12])
+    first = FragmentedMp4Encoder(W, H)
+    head = first.encode_block(data[0]) + first.encode_block(data[1])
+    second = FragmentedMp4Encoder(W, H, start_frame=21, start_fragment=2, send_init=False)
+    tail = second.encode_block(data[2]) + second.encode_block(data[3])
+    assert [kind for kind, _, _ in _boxes(tail)] == [b"moof", b"mdat"] * 2
+    frames = decode(head + tail)
+    assert [pts for pts, _, _ in frames] == list(range(45))
+    assert [abs(grey - i * 7 % 250) <= 2 for i, (_, grey, _) in enumerate(frames)] == [True] * 45
+    restarted = FragmentedMp4Encoder(W, H, send_init=False)  # control: a fresh clock overlaps the head
+    assert [pts for pts, _, _ in decode(head + restarted.encode_block(data[2]))] != list(range(33))
+
+
 def test_bad_frames_raise():
     with pytest.raises(ValueError, match="even"):
         FragmentedMp4Encoder(63, 48)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -142,3 +143,59 @@ def test_scheduled_prompts_apply_exactly_at_their_blocks_unpaced(pipe):
     assert [(p["prompt"], p["block"]) for p in host.status("job")["prompts"]] == [(RED, 0), (FOREST, 2)]
     expected = pipeline_video(pipe, RED, 4, 5, (2, FOREST))
     assert np.abs(np.concatenate([c.frames for c in chunks]).astype(int) - expected).max() <= 1
+
+
+def run_until(host: LiveHost, sid: str, blocks: int, posts: dict[int, str], read_upto: int) -> list:
+    """Step until `blocks` blocks exist; post prompts before given blocks; read chunks below read_upto."""
+    chunks, start = [], host.status(sid)["blocks_done"]
+    while host.status(sid)["blocks_done"] < blocks:
+        if (done := host.status(sid)["blocks_done"]) in posts:
+            host.post_prompt(sid, posts.pop(done), event_id=f"{1000 + done}-0")
+        host.run_once()
+        while start + len(chunks) < min(read_upto, host.status(sid)["blocks_done"]):
+            chunks.append(host.next_chunk(sid, timeout=5))
+    return chunks
+
+
+def test_a_restored_session_resumes_where_the_viewer_is_with_its_prompts(pipe):
+    """Host A dies after 9 blocks, its viewer having read 7; host B restores the checkpoint (through its
+    serialised form) and continues at block 7: the switch A made at block 8 is made again there, a prompt
+    still waiting is applied after it, and the latents equal those of a session that never moved and had
+    its prompt re-posted at block 7. Decoded frames differ only by the primed decoder's warm-up."""
+    from longlive_core.checkpoint import SessionCheckpoint, tensor_bytes
+
+    def host() -> LiveHost:
+        return LiveHost(pipe, max_sessions=2, size=SIZE, playback_speed=0, checkpoints=True)
+
+    a = host()
+    a.open("s", RED, seed=4)
+    run_until(a, "s", 9, {2: FOREST, 8: SEA}, read_upto=7)
+    a.post_prompt("s", "late prompt", event_id="2000-0")  # posted, not applied when A dies
+    cp = a.checkpoint("s")
+    assert cp.last_event_id == "2000-0" and cp.read_blocks == 7 and cp.blocks_done == 9
+    assert sorted(cp.latents) == list(range(9))  # first 4 blocks + the last 4 + rollback 4: all so far
+    blobs = {b: tensor_bytes(t) for b, t in cp.latents.items()}
+    moved = SessionCheckpoint.from_parts(json.loads(cp.meta_json()), blobs)
+
+    b = host()
+    b.open("neighbour", SEA, seed=1)  # B is busy with another session
+    b.run_once()
+    assert b.restore(moved) == 7
+    chunks = run_until(b, "s", 11, {}, read_upto=11)
+    assert [c.block for c in chunks] == [7, 8, 9, 10]
+    assert chunks[0].first_frame == 81  # video frames continue without a gap: 9 + 6 x 12
+    timeline = [(p["prompt"], p["block"]) for p in b.status("s")["prompts"]]
+    assert timeline == [(RED, 0), (FOREST, 2), (SEA, 8), ("late prompt", 9)]
+
+    stayed = host()  # never moved: the same prompts at the same blocks, and FOREST re-posted at block 7
+    stayed.open("s", RED, seed=4)
+    expected = run_until(stayed, "s", 11, {2: FOREST, 7: FOREST, 8: SEA, 9: "late prompt"}, read_upto=11)
+    got_latents, expected_latents = b.checkpoint("s").latents, stayed.checkpoint("s").latents
+    for block in range(7, 11):
+        error = (got_latents[block] - expected_latents[block]).norm() / expected_latents[block].norm()
+        assert error < 1e-5, (block, error)
+    frames = np.concatenate([c.frames for c in chunks]).astype(int)
+    reference = np.concatenate([c.frames for c in expected[7:]])
+    error = np.abs(frames - reference).mean()
+    shifted = np.abs(frames[12:] - reference[:-12]).mean()  # control: the neighbouring block's frames
+    assert error < 2.0 and shifted > 3 * error, (error, shifted)
