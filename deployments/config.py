@@ -28,6 +28,11 @@ class ServiceConfig(BaseModel):
     store_dir: str = Field("videos", description="local-directory store (the embedded default)")
     job_stale_after_s: float = Field(60, gt=0, description="a job silent this long is redone elsewhere")
     job_max_attempts: int = Field(3, ge=1)
+    spool_dir: str | None = Field(
+        None, description="videos wait here until uploaded; None: <tmp>/longlive-spool (keep it on restarts)"
+    )
+    upload_retry_s: float = Field(1.0, gt=0, description="first wait after a failed upload; then doubled")
+    upload_retry_max_s: float = Field(60.0, gt=0, description="the longest wait between upload tries")
     # Security and limits (deployments/security.py; deployments/README.md "Security and limits").
     api_keys: list[str] = Field(
         default_factory=list,

@@ -174,7 +174,15 @@ def build_job_worker(config: ServiceConfig, host: LiveHost, replica_id: str):
         if config.s3_bucket
         else LocalStore(config.store_dir)
     )
-    worker = JobWorker(host, queue, store, consumer=replica_id)
+    worker = JobWorker(
+        host,
+        queue,
+        store,
+        replica_id,
+        spool_dir=config.spool_dir,
+        retry_s=config.upload_retry_s,
+        retry_max_s=config.upload_retry_max_s,
+    )
     worker.start()
     return worker
 

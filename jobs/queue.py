@@ -5,6 +5,10 @@ keeps a long job claimed by XCLAIM ... JUSTID (its heartbeat); a dead worker's e
 another worker takes it over with XAUTOCLAIM and redoes the job. The job's record (`job:{id}`) counts
 attempts: past `max_attempts` the job goes to the dead-letter stream `jobs:dead` with its last error.
 An idempotency key maps to the first job submitted under it (`job:key:{key}`, SET NX).
+
+Every call may raise `UNREACHABLE` while Redis is away (down, restarting, loading its append-only file):
+the worker retries those (jobs/worker.py) instead of failing the job. Socket timeouts bound how long a
+call waits on a Redis that does not answer.
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ import secrets
 import time
 from dataclasses import dataclass
 
+import redis
+
 from .schemas import SubmitJob
 
 STREAM, GROUP, DEAD = "jobs", "workers", "jobs:dead"
 JOB = "job:{}"
 KEY = "job:key:{}"
 RECORD_TTL_S = 7 * 24 * 3600
+ENDED = ("done", "failed", "cancelled")
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError is a ConnectionError
 
 
 @dataclass(frozen=True)
@@ -31,9 +39,9 @@ class Claimed:
 
 class JobQueue:
     def __init__(self, redis_url: str, max_attempts: int = 3, stale_after_s: float = 60.0):
-        import redis
-
-        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.redis = redis.Redis.from_url(
+            redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15
+        )
         self.max_attempts = max_attempts
         self.stale_after_ms = int(stale_after_s * 1000)
         try:
@@ -71,7 +79,7 @@ class JobQueue:
     def cancel(self, job_id: str) -> bool:
         """Ask the job to stop (its worker checks every block); False if it has already ended."""
         key = JOB.format(job_id)
-        if self.redis.hget(key, "state") in ("done", "failed", "cancelled"):
+        if self.redis.hget(key, "state") in ENDED:
             return False
         self.redis.hset(key, "cancel", 1)
         return True
@@ -100,11 +108,20 @@ class JobQueue:
             return Claimed(job_id, entry_id, SubmitJob.model_validate_json(record["request"]), attempt)
         return None
 
-    def heartbeat(self, claimed: Claimed, consumer: str, frames_done: int, fps: float) -> bool:
-        """Keep the entry ours (resets its idle time) and publish progress; False if cancelled."""
+    def heartbeat(
+        self,
+        claimed: Claimed,
+        consumer: str,
+        frames_done: int,
+        fps: float | None = None,
+        state: str | None = None,
+    ) -> bool:
+        """Keep the entry ours (resets its idle time) and publish progress (and `state`, e.g. "uploading");
+        False if cancelled."""
         self.redis.xclaim(STREAM, GROUP, consumer, 0, [claimed.entry_id], justid=True)
         key = JOB.format(claimed.job_id)
-        self.redis.hset(key, mapping={"frames_done": frames_done, "fps": round(fps, 2)})
+        fields = {"frames_done": frames_done, "fps": None if fps is None else round(fps, 2), "state": state}
+        self.redis.hset(key, mapping={k: v for k, v in fields.items() if v is not None})
         return not self.redis.hget(key, "cancel")
 
     def finish(self, job_id: str, entry_id: str, state: str, **fields: str) -> None:
@@ -118,6 +135,8 @@ class JobQueue:
 
     def fail(self, claimed: Claimed, error: str) -> None:
         """Record the error; the entry stays pending, so it is retried after `stale_after_s`."""
+        if self.redis.hget(JOB.format(claimed.job_id), "state") in ENDED:
+            return  # another worker finished it (after a long Redis outage both may have run it)
         self.redis.hset(JOB.format(claimed.job_id), mapping={"state": "queued", "error": error[:2000]})
 
     def dead_letter(self, job_id: str, entry_id: str, error: str) -> None:

@@ -43,7 +43,7 @@ class JobCreated(BaseModel):
 
 class JobStatus(BaseModel):
     job_id: str
-    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    state: Literal["queued", "running", "uploading", "done", "failed", "cancelled"]
     frames_done: int
     frames_total: int
     fps: float

@@ -1,14 +1,17 @@
-"""Batch jobs: Redis Streams queue, workers on a LiveHost, fMP4 multipart uploads to a real S3 endpoint
-(moto's server mode), a killed worker's job reclaimed, cancel, dead letters, idempotency."""
+"""Batch jobs: Redis Streams queue, workers on a LiveHost, fMP4 spooled then multipart-uploaded to a real
+S3 endpoint (moto's server mode), a killed worker's job reclaimed, cancel, dead letters, idempotency;
+S3 down at upload time, Redis killed and restarted mid-job, a restarted worker uploading its spool."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,13 +24,13 @@ import pytest
 from moto.server import ThreadedMotoServer
 from pydantic import ValidationError
 
-from jobs.queue import DEAD, JobQueue
+from jobs.queue import DEAD, GROUP, STREAM, JobQueue
 from jobs.schemas import SubmitJob
 from jobs.storage import S3Store
 from jobs.worker import JobWorker, frames_total, video_key
 from longlive_core.live import LiveHost
 from longlive_core.pipeline import LongLivePipeline
-from tests.serving import redis_server
+from tests.serving import RedisServer, free_port, redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (48, 32)
@@ -84,9 +87,11 @@ def job(seconds: float, **extra) -> SubmitJob:
     return SubmitJob(schedule=schedule, seconds=seconds, **extra)
 
 
-def start_worker(pipe, queue, store, consumer: str) -> JobWorker:
+def start_worker(pipe, queue, store, consumer: str, spool_dir: Path | None = None, **options) -> JobWorker:
+    """A standalone worker; its own spool directory unless given; `options`: retry_s, retry_max_s."""
     host = LiveHost(pipe, max_sessions=1, size=SIZE)
-    worker = JobWorker(host, queue, store, consumer, drive_engine=True)
+    spool_dir = spool_dir or Path(tempfile.mkdtemp(prefix="spool-"))
+    worker = JobWorker(host, queue, store, consumer, drive_engine=True, spool_dir=spool_dir, **options)
     worker.start()
     return worker
 
@@ -186,6 +191,8 @@ def test_a_killed_worker_s_job_is_redone_and_lands_exactly_once(pipe, redis_url,
         *map(str, SIZE),
         "--stale-after",
         "1",
+        "--spool-dir",
+        str(tmp_path / "spool-doomed"),
     ]
     doomed = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **CREDENTIALS}, stderr=subprocess.DEVNULL)
     try:
@@ -226,15 +233,150 @@ def test_cancel_stops_within_a_block_and_leaves_nothing(pipe, redis_url, s3):
     assert not queue.cancel(job_id)  # ended
 
 
-def test_a_job_that_keeps_failing_goes_to_the_dead_letter_stream(pipe, redis_url, s3):
+def test_a_job_that_keeps_failing_goes_to_the_dead_letter_stream(pipe, redis_url, s3, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="longlive.jobs")
     queue = JobQueue(redis_url, max_attempts=2, stale_after_s=0.2)
-    store = S3Store("no-such-bucket", s3)  # every upload fails
+    store = S3Store("no-such-bucket", s3)  # every upload fails, and no retry would help
+    spool = tmp_path / "spool"
     job_id, _ = queue.submit(job(2), frames_total(2))
-    worker = start_worker(pipe, queue, store, "w-dead")
+    worker = start_worker(pipe, queue, store, "w-dead", spool, retry_s=0.05, retry_max_s=0.2)
     try:
         record = wait_state(queue, job_id, {"failed"}, timeout=60)
+        wait_for(lambda: not list(spool.iterdir()), 10, "the dead job's spool file stays")
     finally:
         worker.stop.set()
     assert "NoSuchBucket" in record["error"]
+    assert not messages(caplog, f"job {job_id}: upload failed")  # not taken for an outage
+    assert messages(caplog, f"job {job_id}: its video is spooled already")  # the retry reused it
     dead = [fields for _, fields in queue.redis.xrange(DEAD)]
     assert {"job_id": job_id, "error": record["error"]} in dead
+
+
+def messages(caplog, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_s3_down_when_a_job_ends_it_waits_uploading_and_lands_once_s3_is_back(
+    pipe, redis_url, s3, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="longlive.jobs")
+    port = free_port()  # no S3 listens here yet: S3 is down
+    queue = JobQueue(redis_url, stale_after_s=2.0)
+    store = S3Store(BUCKET, f"http://127.0.0.1:{port}", max_attempts=1)
+    spool = tmp_path / "spool"
+    job_id, _ = queue.submit(job(5), frames_total(5))
+    worker = start_worker(pipe, queue, store, "w-s3-down", spool, retry_s=0.05, retry_max_s=0.2)
+    rival, revived = None, None
+    try:
+        record = wait_state(queue, job_id, {"uploading", "done", "failed"}, timeout=60)
+        assert record["state"] == "uploading" and int(record["frames_done"]) == frames_total(5)
+        assert [p.name for p in spool.iterdir()] == [f"{job_id}.mp4"]  # complete, waiting for S3
+        # A rival with a working S3 would take the job over if it went 2 s without a heartbeat.
+        rival = start_worker(pipe, JobQueue(redis_url, stale_after_s=2.0), S3Store(BUCKET, s3), "w-rival")
+        time.sleep(3.0)
+        failures = messages(caplog, f"job {job_id}: upload failed")
+        assert len(failures) >= 5 and "EndpointConnectionError" in failures[0]
+        pending = queue.redis.xpending_range(STREAM, GROUP, "-", "+", 10)
+        assert [(p["consumer"], p["time_since_delivered"] < 2000) for p in pending] == [("w-s3-down", True)]
+        assert queue.get(job_id)["state"] == "uploading"
+        revived = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # S3 is back
+        revived.start()
+        record = wait_state(queue, job_id, {"done", "failed"}, timeout=60)
+    finally:
+        worker.stop.set()
+        if rival is not None:
+            rival.stop.set()
+        if revived is not None:
+            revived.stop()
+    assert record["state"] == "done" and record["consumer"] == "w-s3-down" and int(record["attempts"]) == 1
+    reader = S3Store(BUCKET, s3)  # the same moto state, served on the module's port
+    body = reader.client.get_object(Bucket=BUCKET, Key=video_key(job_id))["Body"].read()
+    assert count_frames(body) == frames_total(5)
+    assert not list(spool.iterdir()) and not open_uploads(reader)
+
+
+def test_cancel_while_uploading_stops_the_retries_and_deletes_the_spool_file(pipe, redis_url, s3, tmp_path):
+    port = free_port()  # S3 down
+    queue = JobQueue(redis_url)
+    store = S3Store(BUCKET, f"http://127.0.0.1:{port}", max_attempts=1)
+    spool = tmp_path / "spool"
+    job_id, _ = queue.submit(job(2), frames_total(2))
+    worker = start_worker(pipe, queue, store, "w-cancel-upload", spool, retry_s=0.05, retry_max_s=0.2)
+    try:
+        wait_state(queue, job_id, {"uploading"}, timeout=60)
+        assert (spool / f"{job_id}.mp4").is_file()
+        assert queue.cancel(job_id)
+        record = wait_state(queue, job_id, {"cancelled", "done", "failed"}, timeout=30)
+        wait_for(lambda: worker.running is None, 10, "the worker is still on the job")
+    finally:
+        worker.stop.set()
+    assert record["state"] == "cancelled" and not list(spool.iterdir())
+    assert not S3Store(BUCKET, s3).exists(video_key(job_id)) and not queue.cancel(job_id)
+    assert not queue.redis.xpending(STREAM, GROUP)["pending"]
+
+
+def test_a_restarted_worker_uploads_the_spooled_video_instead_of_generating_it(
+    pipe, redis_url, s3, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="longlive.jobs")
+    queue = JobQueue(redis_url, stale_after_s=0.5)
+    spool = tmp_path / "spool"
+    job_id, _ = queue.submit(job(5), frames_total(5))
+    down = S3Store(BUCKET, f"http://127.0.0.1:{free_port()}", max_attempts=1)
+    first = start_worker(pipe, queue, down, "w-first", spool, retry_s=0.05, retry_max_s=0.2)
+    try:
+        wait_state(queue, job_id, {"uploading"}, timeout=60)
+    finally:
+        first.stop.set()  # shut down while S3 is away: the job is released, its video stays spooled
+    wait_for(lambda: first.running is None, 10, "the first worker did not let go")
+    assert queue.get(job_id)["state"] == "queued" and (spool / f"{job_id}.mp4").is_file()
+    store = S3Store(BUCKET, s3)
+    second = start_worker(pipe, queue, store, "w-second", spool)
+    try:
+        record = wait_state(queue, job_id, {"done", "failed"}, timeout=60)
+    finally:
+        second.stop.set()
+    assert record["state"] == "done" and record["consumer"] == "w-second" and int(record["attempts"]) == 1
+    assert messages(caplog, f"job {job_id}: its video is spooled already")
+    assert not second.host.sessions  # it opened no session: nothing was generated again
+    body = store.client.get_object(Bucket=BUCKET, Key=video_key(job_id))["Body"].read()
+    assert count_frames(body) == frames_total(5) and not list(spool.iterdir())
+
+
+def test_redis_killed_and_restarted_mid_job_the_job_still_lands_whole(pipe, s3, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="longlive.jobs")
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")  # its own: fsync on every write, SIGKILLed below
+    server.start()
+    try:
+        queue, store = JobQueue(server.url), S3Store(BUCKET, s3)
+        job_id, _ = queue.submit(job(10), frames_total(10))
+        worker = start_worker(pipe, queue, store, "w-redis", retry_s=0.05, retry_max_s=0.2)
+        try:
+            wait_for(lambda: int(queue.get(job_id)["frames_done"]) > 0, 60, "the job did not start")
+            server.stop(kill=True)
+            wait_for(lambda: messages(caplog, f"job {job_id}: heartbeat failed"), 10, "no failed heartbeat")
+            time.sleep(0.5)
+            assert worker.running is not None and worker.running.job_id == job_id  # still on it
+            server.start()
+            record = wait_state(queue, job_id, {"done", "failed"}, timeout=120)
+        finally:
+            worker.stop.set()
+        total = frames_total(10)
+        assert record["state"] == "done" and record["consumer"] == "w-redis" and int(record["attempts"]) == 1
+        assert int(record["frames_done"]) == int(record["frames_total"]) == total
+        (back,) = messages(caplog, f"job {job_id}: heartbeat back at frame")
+        assert int(back.rsplit(" ", 1)[1]) < total  # progress resumed while it was still generating
+        body = store.client.get_object(Bucket=BUCKET, Key=video_key(job_id))["Body"].read()
+        assert count_frames(body) == total
+        assert queue.redis.xlen(STREAM) == 1 and queue.redis.xpending(STREAM, GROUP)["pending"] == 0
+        assert queue.redis.xlen(DEAD) == 0
+    finally:
+        server.stop()
