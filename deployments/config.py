@@ -28,6 +28,12 @@ class ServiceConfig(BaseModel):
     store_dir: str = Field("videos", description="local-directory store (the embedded default)")
     job_stale_after_s: float = Field(60, gt=0, description="a job silent this long is redone elsewhere")
     job_max_attempts: int = Field(3, ge=1)
+    checkpoint_ttl_s: int = Field(
+        3600, ge=60, description="a session's checkpoint outlives its last block so long"
+    )
+    failover_timeout_s: float = Field(
+        60, gt=0, description="how long a request waits for a moved session's new replica before it fails"
+    )
     spool_dir: str | None = Field(
         None, description="videos wait here until uploaded; None: <tmp>/longlive-spool (keep it on restarts)"
     )

@@ -1,7 +1,11 @@
 """Generator: one replica per GPU, a thin shell over `longlive_core.live.LiveHost`.
 
-The engine thread loops: read new prompt events of this replica's sessions from Redis, then
-`host.run_once()` (paced block step). Requests only queue work on the host and read its chunks.
+Two threads: the engine thread only steps the host (`host.run_once()`, paced block steps); the Redis
+thread moves new prompt events of this replica's sessions into the host, writes each live session's
+checkpoint after every block and publishes the replica's free slots. Redis being away therefore never
+stalls generation: live sessions go on from memory, and the Redis thread catches up when it returns.
+Requests only queue work on the host and read its chunks. A request for a session this replica does
+not hold restores it from its checkpoint (its old replica died or was drained; the router sent it here).
 The text encoder runs inside each replica (umT5 on the same GPU, ~58 ms per new prompt on an H100;
 cached per prompt), so a prompt costs no extra network hop.
 """
@@ -11,18 +15,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from ray import serve
 
+from longlive_core.checkpoint import CheckpointError
 from longlive_core.fmp4 import FragmentedMp4Encoder, JpegEncoder
 from longlive_core.live import CapacityError, LiveHost, UnknownSessionError
 
+from .checkpoints import CheckpointStore
 from .config import ServiceConfig
 from .store import ReplicaEvents
 
 logger = logging.getLogger("longlive.generator")
 PREEMPT_WAIT_STEPS = 200  # x 50 ms: a block step on the slowest supported device
+REDIS_PERIOD_S = 0.02  # the Redis thread's loop: prompt events reach the host within this
+REDIS_RETRY_S = 0.5  # while Redis is away
+MOVED_REMEMBERED = 10_000
 
 
 class SessionNotHere(Exception):
@@ -31,6 +41,10 @@ class SessionNotHere(Exception):
 
 class ReplicaFull(Exception):
     """This replica runs its maximum number of sessions."""
+
+
+class SessionMoved(Exception):
+    """Another replica took the session over (this one was presumed gone): continue the stream there."""
 
 
 def build_host(config: ServiceConfig) -> LiveHost:
@@ -47,6 +61,7 @@ def build_host(config: ServiceConfig) -> LiveHost:
         buffer_blocks=config.buffer_blocks,
         idle_timeout_s=config.idle_timeout_s,
         playback_speed=config.playback_speed,
+        checkpoints=True,
     )
 
 
@@ -58,10 +73,18 @@ class Generator:
         self.host.warm_up()
         self.events = ReplicaEvents(self.config.redis_url, self.replica_id)
         self.events.set_free_slots(self.host.max_sessions)
+        self.checkpoints = CheckpointStore(self.config.redis_url, self.config.checkpoint_ttl_s)
         self.jobs = build_job_worker(self.config, self.host, self.replica_id) if self.config.jobs else None
+        self.redis_ok = True
+        self._moved: dict[str, None] = {}  # sessions closed here as another replica owns them now (ordered)
+        self._restoring = asyncio.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._engine_loop, name="engine", daemon=True),
+            threading.Thread(target=self._redis_loop, name="redis", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # -- requests ----------------------------------------------------------------------------------
     async def create(self, session_id: str, prompt: str, seed: int, max_seconds: float | None) -> dict:
@@ -93,32 +116,60 @@ class Generator:
             self.jobs.preempt.clear()
 
     async def status(self, session_id: str) -> dict:
+        await self._ensure(session_id)
         return {**self._call(self.host.status, session_id), "replica": self.replica_id}
 
     async def end(self, session_id: str) -> None:
-        self._call(self.host.close, session_id)
+        self._call(self.host.close, session_id)  # ended in Redis first by the ingress: never restored
 
-    async def stream(self, session_id: str, fmt: str = "mp4") -> AsyncIterator[bytes]:
-        """fMP4: the init segment + one fragment per block; jpeg: one JPEG per frame."""
+    async def stream(
+        self, session_id: str, fmt: str = "mp4", from_frame: int = 0, send_init: bool = True
+    ) -> AsyncIterator[tuple[int, int, bytes]]:
+        """(first frame, frames, bytes) pieces from video frame `from_frame` on. fMP4: the init segment
+        (unless send_init is False: continuing a stream) + one fragment per block, decode times counted
+        from the session's start; jpeg: one JPEG per frame."""
+        await self._ensure(session_id, from_frame)
         self._call(self.host.status, session_id)
         width, height = self.host.width, self.host.height
-        encoder = FragmentedMp4Encoder(width, height) if fmt == "mp4" else JpegEncoder(width, height)
+        encoder = None
         while True:
             chunk = await asyncio.to_thread(self._next_chunk, session_id)
             if chunk is None:
+                if session_id in self._moved:
+                    raise SessionMoved(session_id)
                 return
-            if fmt == "mp4":
-                yield await asyncio.to_thread(encoder.encode_block, chunk.frames)
-            else:
-                for frame in chunk.frames:
-                    yield await asyncio.to_thread(encoder.encode, frame)
+            if chunk.first_frame + len(chunk.frames) <= from_frame:
+                continue  # the viewer has it (a restore resumes at its block)
+            if fmt == "jpeg":
+                encoder = encoder or JpegEncoder(width, height)
+                for i, frame in enumerate(chunk.frames):
+                    if chunk.first_frame + i >= from_frame:
+                        yield chunk.first_frame + i, 1, await asyncio.to_thread(encoder.encode, frame)
+                continue
+            if encoder is None:
+                encoder = FragmentedMp4Encoder(
+                    width,
+                    height,
+                    start_frame=chunk.first_frame,
+                    start_fragment=chunk.block,
+                    send_init=send_init,
+                )
+            data = await asyncio.to_thread(encoder.encode_block, chunk.frames)
+            yield chunk.first_frame, len(chunk.frames), data
 
     async def info(self) -> dict:
-        return {"replica": self.replica_id, "load": self.host.load, "capacity": self.config.max_sessions}
+        return {
+            "replica": self.replica_id,
+            "load": self.host.load,
+            "capacity": self.config.max_sessions,
+            "redis": self.redis_ok,
+        }
 
     def check_health(self) -> None:
-        if not self._thread.is_alive():
-            raise RuntimeError("engine thread died")
+        # Redis being away is not a replica failure (a restart would lose its live sessions).
+        for thread in self._threads:
+            if not thread.is_alive():
+                raise RuntimeError(f"{thread.name} thread died")
 
     def __del__(self) -> None:
         self._stop.set()
@@ -128,6 +179,28 @@ class Generator:
     # -- internals ---------------------------------------------------------------------------------
     def _publish_free_slots(self) -> None:
         self.events.set_free_slots(self.host.max_sessions - self.host.load)
+
+    async def _ensure(self, session_id: str, from_frame: int | None = None) -> None:
+        """Restore a session that moved here from its checkpoint, unless this replica holds it."""
+        if session_id in self.host.sessions:
+            return
+        async with self._restoring:
+            if session_id in self.host.sessions:
+                return
+            checkpoint = await asyncio.to_thread(self.checkpoints.load, session_id)
+            if checkpoint is None:
+                raise SessionNotHere(session_id)
+            try:
+                block = self.host.restore(checkpoint, from_frame or None)
+            except CheckpointError as err:
+                logger.warning("session %s: not restored: %s", session_id, err)
+                raise SessionNotHere(session_id) from None
+            except CapacityError as err:
+                raise ReplicaFull(str(err)) from None
+            self.events.follow(session_id, after=checkpoint.last_event_id)
+            logger.warning(
+                "session %s moved here: resumes at block %d of %d", session_id, block, checkpoint.blocks_done
+            )
 
     def _next_chunk(self, session_id: str):
         try:
@@ -143,24 +216,61 @@ class Generator:
             raise SessionNotHere(session_id) from None
 
     def _engine_loop(self) -> None:
-        published = -1
         while not self._stop.is_set():
             try:
-                for session_id, event in self.events.poll():
-                    if event.get("type") == "prompt":
-                        try:
-                            self.host.post_prompt(session_id, event["prompt"])
-                        except (UnknownSessionError, ValueError) as err:
-                            logger.warning("session %s: event not applied: %s", session_id, err)
                 self.host.run_once()
-                for session_id in [sid for sid in self.events.positions if sid not in self.host.sessions]:
-                    self.events.unfollow(session_id)
-                if self.host.load != published:  # admission reads it: keep it current
-                    published = self.host.load
-                    self._publish_free_slots()
             except Exception:
                 logger.exception("engine loop failed")
                 raise
+
+    def _redis_loop(self) -> None:
+        """Prompt events in, checkpoints and free slots out. Any Redis failure: retry until it is back;
+        what happened meanwhile (events posted, blocks made) is caught up then."""
+        saved: dict[str, int] = {}  # session -> blocks_done of its last checkpoint written
+        published = -1
+        while not self._stop.is_set():
+            try:
+                self._sync(saved)
+                if self.host.load != published:  # admission reads it: keep it current
+                    self._publish_free_slots()
+                    published = self.host.load
+                if not self.redis_ok:
+                    logger.warning("redis is back")
+                    self.redis_ok = True
+                time.sleep(REDIS_PERIOD_S)
+            except Exception as err:  # noqa: BLE001 - Redis away (or any other error): keep trying
+                if self.redis_ok:
+                    logger.warning("redis unavailable, sessions go on from memory: %s", err)
+                    self.redis_ok = False
+                published = -1
+                time.sleep(REDIS_RETRY_S)
+
+    def _sync(self, saved: dict[str, int]) -> None:
+        for session_id, event_id, event in self.events.poll():
+            if event.get("type") == "prompt":
+                try:
+                    self.host.post_prompt(session_id, event["prompt"], event_id=event_id)
+                except (UnknownSessionError, ValueError) as err:
+                    logger.warning("session %s: event not applied: %s", session_id, err)
+        for session_id in self.events.followed():
+            session = self.host.sessions.get(session_id)
+            if session is None or session.finished:
+                if session_id not in self._moved:
+                    self.checkpoints.delete(session_id)  # ended here: nothing to restore elsewhere
+                self.events.unfollow(session_id)
+                self.checkpoints.forget(session_id)
+                saved.pop(session_id, None)
+                continue
+            if saved.get(session_id) == session.blocks_done:
+                continue
+            if self.checkpoints.save(self.host.checkpoint(session_id), self.replica_id):
+                saved[session_id] = session.blocks_done
+            else:  # ended by its client, or moved to another replica meanwhile
+                logger.warning("session %s: no longer ours, closing it here", session_id)
+                self._moved[session_id] = None
+                if len(self._moved) > MOVED_REMEMBERED:
+                    del self._moved[next(iter(self._moved))]
+                self.host.close(session_id)
 
 
 def build_job_worker(config: ServiceConfig, host: LiveHost, replica_id: str):

@@ -2,18 +2,22 @@
 with the session id (the router pins it to its replica), encodes; prompt events go to Redis only."""
 
 import asyncio
+import logging
 import secrets
+import time
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from jobs.schemas import JobCreated, JobStatus, SubmitJob
 from jobs.worker import frames_total
 
 from .config import ServiceConfig
-from .generator import ReplicaFull, SessionNotHere
+from .generator import ReplicaFull, SessionMoved, SessionNotHere
 from .schemas import CreateSession, PostPrompt, Problem, PromptPosted, SessionCreated, SessionStatus
 from .security import install
 from .store import SessionStore, token_digest, token_matches
@@ -22,6 +26,9 @@ app = FastAPI(title="longlive", description="Real-time interactive long text-to-
 guard = install(app)  # rate limit, API key, body size, error handlers (deployments/security.py)
 ADMISSION_ATTEMPTS = 8
 ADMISSION_BACKOFF_S = 0.1
+FAILOVER_BACKOFF_S = 0.5
+REPLICA_GONE = (RayActorError, ActorUnavailableError)  # its replica died or is being replaced
+logger = logging.getLogger("longlive.ingress")
 ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 413, 429, 503)}
 
 
@@ -50,6 +57,43 @@ class Ingress:
 
     def _session(self, session_id: str, stream: bool = False) -> DeploymentHandle:
         return self.generator.options(session_id=session_id, stream=stream)
+
+    async def _call(self, session_id: str, method: str, *args):
+        """A Generator call for the session; while its replica is gone, retried until the router has moved
+        the session to a live replica (which restores it), for up to failover_timeout_s."""
+        deadline = time.monotonic() + self.config.failover_timeout_s
+        while True:
+            try:
+                return await getattr(self._session(session_id), method).remote(session_id, *args)
+            except REPLICA_GONE:
+                if time.monotonic() > deadline:
+                    raise HTTPException(
+                        503, "the session's replica is gone and no other took it over"
+                    ) from None
+                await asyncio.sleep(FAILOVER_BACKOFF_S)
+
+    async def _pieces(self, session_id: str, fmt: str, from_frame: int) -> AsyncIterator[bytes]:
+        """The session's video from `from_frame` on. If its replica dies mid-stream, the stream goes on
+        from the next frame on the replica the session moves to: the client sees a pause, not an end."""
+        next_frame, send_init = from_frame, True
+        deadline = None
+        while True:
+            try:
+                handle = self._session(session_id, stream=True)
+                async for first, frames, data in handle.stream.remote(session_id, fmt, next_frame, send_init):
+                    yield data
+                    next_frame, send_init, deadline = first + frames, False, None
+                return
+            except (*REPLICA_GONE, SessionMoved):
+                deadline = deadline or time.monotonic() + self.config.failover_timeout_s
+                if time.monotonic() > deadline:
+                    return
+                logger.warning(
+                    "session %s: replica gone at frame %d, resuming elsewhere", session_id, next_frame
+                )
+                await asyncio.sleep(FAILOVER_BACKOFF_S)
+            except SessionNotHere:
+                return
 
     async def _authorize(self, session_id: str, token: str | None) -> dict:
         record = await self.store.get(session_id)
@@ -104,8 +148,11 @@ class Ingress:
     @app.get("/v1/sessions/{session_id}", response_model=SessionStatus, responses=ERRORS)
     async def status(self, session_id: str, authorization: str | None = Header(None)) -> dict:
         await self._authorize(session_id, bearer(authorization))
+        return await self._running(session_id)
+
+    async def _running(self, session_id: str) -> dict:
         try:
-            return await self._session(session_id).status.remote(session_id)
+            return await self._call(session_id, "status")
         except SessionNotHere:
             raise HTTPException(404, f"session {session_id} is not running") from None
 
@@ -121,29 +168,43 @@ class Ingress:
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=ERRORS)
     async def end(self, session_id: str, authorization: str | None = Header(None)) -> None:
         await self._authorize(session_id, bearer(authorization))
+        await self.store.mark_ended(session_id)  # first: no replica restores it from now on
         try:
-            await self._session(session_id).end.remote(session_id)
+            await self._call(session_id, "end")
         except SessionNotHere:
             pass  # already gone: ending is idempotent
 
     @app.get("/v1/sessions/{session_id}/video.mp4", responses=ERRORS)
     async def video(
-        self, session_id: str, authorization: str | None = Header(None), token: str | None = Query(None)
+        self,
+        session_id: str,
+        authorization: str | None = Header(None),
+        token: str | None = Query(None),
+        from_frame: int = Query(0, ge=0, description="resume: the first video frame still needed"),
     ) -> StreamingResponse:
-        """The live video as one chunked fragmented MP4 (a fragment per block)."""
+        """The live video as one chunked fragmented MP4 (a fragment per block; decode times count from the
+        session's first frame, so a resumed stream continues the old one's timeline)."""
         await self._authorize(session_id, bearer(authorization) or token)
-        chunks = self._session(session_id, stream=True).stream.remote(session_id, "mp4")
-        return StreamingResponse(chunks, media_type="video/mp4")
+        await self._running(session_id)
+        return StreamingResponse(self._pieces(session_id, "mp4", from_frame), media_type="video/mp4")
 
     @app.websocket("/v1/sessions/{session_id}/stream")
-    async def websocket(self, ws: WebSocket, session_id: str, token: str | None = None, format: str = "mp4"):
+    async def websocket(
+        self,
+        ws: WebSocket,
+        session_id: str,
+        token: str | None = None,
+        format: str = "mp4",
+        from_frame: int = 0,
+    ):
         record = await self.store.get(session_id)
-        if record is None or not token_matches(record, token) or format not in ("mp4", "jpeg"):
+        valid = format in ("mp4", "jpeg") and from_frame >= 0
+        if record is None or not token_matches(record, token) or not valid:
             await ws.close(code=4403 if record is not None else 4404)
             return
         await ws.accept()
         try:
-            async for chunk in self._session(session_id, stream=True).stream.remote(session_id, format):
+            async for chunk in self._pieces(session_id, format, from_frame):
                 await ws.send_bytes(chunk)
             await ws.close()
         except WebSocketDisconnect:

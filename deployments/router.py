@@ -2,9 +2,10 @@
 
 A custom Ray Serve RequestRouter with an explicit session -> replica table in Redis (hard pins), chosen
 over `ConsistentHashRouter`, which moves sessions to a new replica when one is added (their caches would
-be lost). A session's first request (create) goes to the replica with the most free session slots (each
-replica publishes its load in Redis), not where a hash puts it. The router runs in every process that
-holds a handle to the Generator (each ingress replica), so all of them share the table.
+be lost). When a session's replica is gone, the router moves the session to the least-loaded replica,
+which restores it from its checkpoint. A session's first request (create) goes to the replica with the
+most free session slots (each replica publishes its load in Redis), not where a hash puts it. The router
+runs in every process that holds a handle to the Generator (each ingress replica); they share the table.
 """
 
 from __future__ import annotations
@@ -44,17 +45,20 @@ class SessionRouter(RequestRouter):
             return [candidate_replicas]
         pending_request.routing_context.should_backoff = True
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
-        owner = self._owners.get(session_id) or await self.store.owner(session_id)
+        owner = self._owners.get(session_id)
+        if owner not in by_id:  # not known here, or its replica is gone: ask the table
+            owner = await self.store.owner(session_id)
         if owner is None:
             owner = await self.store.claim(session_id, await self._least_loaded(by_id))
+        elif owner not in by_id:
+            # Its replica died or was removed: move it to the least-loaded one, which restores it from its
+            # checkpoint (unless another router moved it first: then follow that move).
+            owner = await self.store.move(session_id, owner, await self._least_loaded(by_id))
         self._owners[session_id] = owner
         self._owners.move_to_end(session_id)
         if len(self._owners) > OWNER_CACHE_SIZE:
             self._owners.popitem(last=False)
-        if owner in by_id:
-            return [[by_id[owner]]]
-        # The owner is gone (replica died or was removed): any replica answers that it lacks the session.
-        return [candidate_replicas]
+        return [[by_id[owner]]] if owner in by_id else [candidate_replicas]
 
     async def _least_loaded(self, by_id: dict[str, RunningReplica]) -> str:
         """The replica with the most free slots (replicas of any size); ties spread at random."""

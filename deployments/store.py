@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
 import time
 
-SESSION = "session:{}"  # hash: token_sha256, replica, seed, created_at
+SESSION = "session:{}"  # hash: token_sha256, replica, seed, created_at, ended
 EVENTS = "session:{}:events"  # stream of {"type": "prompt", "prompt": ...}
+CHECKPOINT = "session:{}:checkpoint"  # hash: meta (JSON), block:{n} (latents); see checkpoints.py
 LOAD = "replica_load"  # hash: replica id -> free session slots (capacity - live sessions)
 EVENTS_MAXLEN = 1000
 SESSION_TTL_S = 24 * 3600
+_MOVE = """
+if redis.call('HGET', KEYS[1], 'replica') == ARGV[1] then redis.call('HSET', KEYS[1], 'replica', ARGV[2]) end
+return redis.call('HGET', KEYS[1], 'replica')
+"""
 
 
 def token_digest(token: str) -> str:
@@ -48,6 +54,16 @@ class SessionStore:
         await self.redis.hsetnx(SESSION.format(session_id), "replica", replica_id)
         return await self.owner(session_id)
 
+    async def move(self, session_id: str, old: str, new: str) -> str:
+        """Reassign the session from `old` (gone) to `new` unless another router moved it already;
+        returns the owner."""
+        return await self.redis.eval(_MOVE, 1, SESSION.format(session_id), old, new)
+
+    async def mark_ended(self, session_id: str) -> None:
+        """Ended by its client: no replica may restore it or write its checkpoint any more."""
+        await self.redis.hset(SESSION.format(session_id), "ended", 1)
+        await self.redis.delete(CHECKPOINT.format(session_id))
+
     async def free_slots(self) -> dict[str, int]:
         return {k: int(v) for k, v in (await self.redis.hgetall(LOAD)).items()}
 
@@ -63,33 +79,46 @@ class SessionStore:
 
 
 class ReplicaEvents:
-    """Sync access for a Generator replica's engine thread: its load, and its sessions' new events."""
+    """Sync access for a Generator replica's Redis thread: its load, and its sessions' new events."""
 
-    def __init__(self, redis_url: str, replica_id: str):
+    def __init__(self, redis_url: str, replica_id: str, timeout_s: float = 2.0):
         import redis
 
-        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.redis = redis.Redis.from_url(
+            redis_url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
         self.replica_id = replica_id
         self.positions: dict[str, str] = {}  # session -> last event id read
+        self._lock = threading.Lock()  # follow() comes from request handlers
 
-    def follow(self, session_id: str) -> None:
-        self.positions[session_id] = "0-0"  # replay the whole log: nothing posted early is lost
+    def follow(self, session_id: str, after: str | None = None) -> None:
+        """Read the session's events after `after` (default: the whole log, nothing posted early lost)."""
+        with self._lock:
+            self.positions[session_id] = after or "0-0"
 
     def unfollow(self, session_id: str) -> None:
-        self.positions.pop(session_id, None)
+        with self._lock:
+            self.positions.pop(session_id, None)
+
+    def followed(self) -> list[str]:
+        with self._lock:
+            return list(self.positions)
 
     def set_free_slots(self, slots: int) -> None:
         self.redis.hset(LOAD, self.replica_id, slots)
 
     def poll(self) -> list[tuple[str, dict]]:
-        """New events of the followed sessions, oldest first, without blocking."""
-        if not self.positions:
+        """(session, event id, fields) of the followed sessions' new events, oldest first; no blocking."""
+        with self._lock:
+            streams = {EVENTS.format(sid): pos for sid, pos in self.positions.items()}
+        if not streams:
             return []
-        streams = {EVENTS.format(sid): pos for sid, pos in self.positions.items()}
         found = []
         for stream, entries in self.redis.xread(streams) or []:
             session_id = stream[len("session:") : -len(":events")]
             for event_id, fields in entries:
-                self.positions[session_id] = event_id
-                found.append((session_id, fields))
+                found.append((session_id, event_id, fields))
+            with self._lock:
+                if session_id in self.positions:
+                    self.positions[session_id] = entries[-1][0]
         return found

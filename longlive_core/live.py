@@ -255,7 +255,7 @@ class LiveHost:
         for index, entry in enumerate(timeline):
             if entry.block is None:
                 session.waiting.append(index)
-            elif entry.block >= block and (entry.block > 0 or block > 0):
+            elif entry.block > block:
                 session.replay[entry.block] = index  # made again at the same block
                 entry.block, entry.applied_at = None, None
         with self._lock:
@@ -300,18 +300,32 @@ class LiveHost:
         return True
 
     def warm_up(self, blocks: int = 14, sessions: int = 1) -> None:
-        """Run throwaway sessions through first blocks, a full window and recaches at every phase of the
-        window ring (compiles and autotunes the shapes of `sessions` concurrent sessions)."""
+        """Run throwaway sessions through first blocks, a full window, recaches while the window fills and
+        at every phase of the window ring, and (with checkpoints) a restore: compiles and autotunes the
+        shapes of `sessions` concurrent sessions, so neither a switch nor a failover compiles later."""
         speed, self.playback_speed = self.playback_speed, 0.0
         idle, self.idle_timeout_s = self.idle_timeout_s, float("inf")  # compiling can take minutes
         ids = [f"__warm_up_{i}__" for i in range(sessions)]
         try:
             for sid in ids:
                 self.open(sid, "warm up")
+            filling = range(1, self.window_blocks + 1)  # recaches of 3..window frames (sink passes too)
             for b in range(blocks):
-                if blocks - 8 <= b < blocks - 4:  # four consecutive switches: four ring phases
+                if b in filling or blocks - 8 <= b < blocks - 4:  # then four ring phases
                     for sid in ids:
-                        self.post_prompt(sid, "warm up, switched")
+                        self.post_prompt(sid, f"warm up, switched at {b}")
+                self.run_once()
+                for sid in ids:
+                    while self.status(sid)["buffered_blocks"]:
+                        self.next_chunk(sid, timeout=0)
+            if self.checkpoints:
+                moved = [replace(self.checkpoint(sid), session_id=f"{sid}moved") for sid in ids]
+                for sid in ids:
+                    self.close(sid)
+                self.run_once()
+                for checkpoint in moved:
+                    self.restore(checkpoint)
+                    ids.append(checkpoint.session_id)
                 self.run_once()
             for sid in ids:
                 self.close(sid)
@@ -332,10 +346,10 @@ class LiveHost:
         except KeyError:
             raise UnknownSessionError(session_id) from None
 
-    def _join(self, session: LiveSession) -> None:
+    def _join(self, session: LiveSession, prompt: int = 0) -> None:
         if session.finished:
             return
-        embeds = self.pipe.text_encoder.encode(session.prompts[0].prompt)
+        embeds = self.pipe.text_encoder.encode(session.prompts[prompt].prompt)
         self.engine.add_session(session.session_id, embeds, seed=session.seed, num_blocks=session.num_blocks)
         session.decoder_stream = self.pipe.vae.new_stream()
         session.joined = True
@@ -344,15 +358,18 @@ class LiveHost:
         if session.finished:
             return
         block = session.blocks_done
-        if block == 0:
-            self._join(session)
-            return
+        # The prompt in effect: the last applied at or before the resume block (a switch made at that very
+        # block is part of the restored state: the restore's recache pass is that switch's recache).
         current = max(
-            i for i, e in enumerate(session.prompts) if e.block is not None and 0 <= e.block < block
+            i for i, e in enumerate(session.prompts) if e.block is not None and 0 <= e.block <= block
         )
+        if block == 0:
+            self._join(session, current)
+            return
         sink_index, sink_frames = cp.sink_source(self.config, block)
         bf, window = self.config.block_frames, self.config.window_frames
-        recent = torch.cat([cp.latents[b] for b in range(max(0, block - self.window_blocks), block)], dim=1)
+        recent_blocks = [cp.latents[b] for b in range(max(0, block - self.window_blocks), block)]
+        recent = torch.cat(recent_blocks, dim=1)
         sink_latents = None
         if self.config.global_sink and block * bf > window:
             sink_latents = torch.cat([cp.latents[b] for b in range(sink_frames // bf)], dim=1)
@@ -367,10 +384,12 @@ class LiveHost:
             sink_latents=sink_latents,
             num_blocks=session.num_blocks,
         )
-        # The decoder carries a few frames of state: prime a fresh one with the latest blocks.
+        # The decoder carries a few frames of state: prime a fresh one with the latest blocks (block by
+        # block: the shapes it already runs, no new compile).
         session.decoder_stream = self.pipe.vae.new_stream()
         with torch.no_grad():
-            session.decoder_stream.decode(recent[None].to(self.pipe.vae_dtype))
+            for latents in recent_blocks:
+                session.decoder_stream.decode(latents[None].to(self.pipe.vae_dtype))
         session.kept = {b: cp.latents[b] for b in cp.latents if b < block}
         session.joined = True
 
