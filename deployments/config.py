@@ -28,6 +28,10 @@ class ServiceConfig(BaseModel):
     store_dir: str = Field("videos", description="local-directory store (the embedded default)")
     job_stale_after_s: float = Field(60, gt=0, description="a job silent this long is redone elsewhere")
     job_max_attempts: int = Field(3, ge=1)
+    max_prompt_chars: int = Field(2000, ge=1, le=2000, description="longer prompts get 422 (hard cap 2000)")
+    max_session_seconds: float = Field(3600, gt=0, le=3600, description="a session's max_seconds bound")
+    max_job_seconds: float = Field(3600, gt=0, le=3600, description="a job's seconds bound")
+    max_schedule_entries: int = Field(500, ge=1, le=500, description="prompt changes per job")
     checkpoint_ttl_s: int = Field(
         3600, ge=60, description="a session's checkpoint outlives its last block so long"
     )
@@ -50,6 +54,23 @@ class ServiceConfig(BaseModel):
     trust_forwarded_for: bool = Field(
         False, description="key the rate limit by X-Forwarded-For's first entry"
     )
+
+    def limit_errors(self, prompts: list[str], seconds: float | None, kind: str = "session") -> list[dict]:
+        """A body against the operator's limits (tighter than the schemas' hard caps): errors in the
+        shape of a 422's detail (loc + msg), empty when within them. kind: 'session' or 'job'."""
+        errors = []
+        if any(len(prompt) > self.max_prompt_chars for prompt in prompts):
+            errors.append({"loc": ["body", "prompt"], "msg": f"at most {self.max_prompt_chars} characters"})
+        field, cap = (
+            ("seconds", self.max_job_seconds) if kind == "job" else ("max_seconds", self.max_session_seconds)
+        )
+        if seconds is not None and seconds > cap:
+            errors.append({"loc": ["body", field], "msg": f"at most {cap:g} s"})
+        if kind == "job" and len(prompts) > self.max_schedule_entries:
+            errors.append(
+                {"loc": ["body", "schedule"], "msg": f"at most {self.max_schedule_entries} entries"}
+            )
+        return errors
 
     def job_queue(self):
         from jobs.queue import JobQueue

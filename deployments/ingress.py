@@ -55,6 +55,10 @@ class Ingress:
         c = self.config
         self.videos = S3Store(c.s3_bucket, c.s3_endpoint_url) if c.s3_bucket else LocalStore(c.store_dir)
 
+    def _check_limits(self, prompts: list[str], seconds: float | None = None, kind: str = "session") -> None:
+        if errors := self.config.limit_errors(prompts, seconds, kind):
+            raise HTTPException(422, errors)
+
     def _session(self, session_id: str, stream: bool = False) -> DeploymentHandle:
         return self.generator.options(session_id=session_id, stream=stream)
 
@@ -119,6 +123,7 @@ class Ingress:
 
     @app.post("/v1/sessions", status_code=201, response_model=SessionCreated, responses=ERRORS)
     async def create(self, body: CreateSession, request: Request) -> SessionCreated:
+        self._check_limits([body.prompt], body.max_seconds)
         # The router sends a new session to the least-loaded replica; if that one filled up meanwhile,
         # try again under a fresh id (the router then sees the updated loads).
         for _ in range(ADMISSION_ATTEMPTS):
@@ -162,6 +167,7 @@ class Ingress:
     async def post_prompt(
         self, session_id: str, body: PostPrompt, authorization: str | None = Header(None)
     ) -> PromptPosted:
+        self._check_limits([body.prompt])
         await self._authorize(session_id, bearer(authorization))
         return PromptPosted(event_id=await self.store.post_prompt(session_id, body.prompt))
 
@@ -213,6 +219,7 @@ class Ingress:
     # -- jobs --------------------------------------------------------------------------------------
     @app.post("/v1/jobs", status_code=201, response_model=JobCreated, responses=ERRORS)
     async def submit_job(self, body: SubmitJob) -> JobCreated:
+        self._check_limits([e.prompt for e in body.schedule], body.seconds, "job")
         token = secrets.token_urlsafe(24)
         job_id, duplicate = await asyncio.to_thread(
             self.jobs.submit, body, frames_total(body.seconds), token_digest(token)

@@ -50,6 +50,7 @@ def deploy(redis_url: str, replicas: int, s3_endpoint: str) -> None:
         s3_bucket=BUCKET,
         s3_endpoint_url=s3_endpoint,
         rate_limit_per_minute=RATE_LIMIT,
+        max_session_seconds=3000,  # the operator's limit, tighter than the API's 3600
         trust_forwarded_for=True,
     )
     app["deployments"][0]["num_replicas"] = replicas

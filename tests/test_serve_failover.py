@@ -86,13 +86,18 @@ def test_restarting_redis_mid_session_loses_no_prompt(service):
     wait_ready(base, timeout=300)
     session = created(base, max_seconds=SECONDS, seed=4)
     received: list[bytes] = []
+    streaming = threading.Event()
 
     def watch() -> None:
         with httpx.stream("GET", session["stream_url"], headers=auth(session["token"]), timeout=120) as r:
-            received.extend(r.iter_raw())
+            assert r.status_code == 200
+            for chunk in r.iter_raw():
+                received.append(chunk)
+                streaming.set()
 
     viewer = threading.Thread(target=watch)
     viewer.start()
+    assert streaming.wait(60)  # the stream is open before Redis goes away
     assert post(base, session, "posted before the restart").status_code == 202
     redis.stop(kill=True)  # a crash: only what was fsynced survives (appendfsync always)
     try:
