@@ -26,12 +26,15 @@ from longlive_core.live import CapacityError, LiveHost, UnknownSessionError
 
 from .checkpoints import CheckpointStore
 from .config import ServiceConfig
+from .metrics import log, metrics
 from .store import ReplicaEvents
 
 logger = logging.getLogger("longlive.generator")
 PREEMPT_WAIT_STEPS = 200  # x 50 ms: a block step on the slowest supported device
 REDIS_PERIOD_S = 0.02  # the Redis thread's loop: prompt events reach the host within this
 REDIS_RETRY_S = 0.5  # while Redis is away
+SAMPLE_PERIOD_S = 1.0  # gauges, the replica's admin info and the queue depth
+SESSION_FPS_PERIOD_S = 2.0
 MOVED_REMEMBERED = 10_000
 
 
@@ -76,6 +79,15 @@ class Generator:
         self.checkpoints = CheckpointStore(self.config.redis_url, self.config.checkpoint_ttl_s)
         self.jobs = build_job_worker(self.config, self.host, self.replica_id) if self.config.jobs else None
         self.redis_ok = True
+        self.metrics = metrics()
+        self.metrics.capacity.set(self.host.max_sessions)
+        self.log = log("longlive.generator", replica=self.replica_id)
+        self.jobs_queued = 0
+        self._opened: dict[str, float] = {}  # session -> when opened, until its first block is out
+        self._posted: dict[tuple[str, int], float] = {}  # (session, prompt index) -> posted (wall time)
+        self._rates = RateSampler()
+        if self.jobs is not None:
+            self.jobs.on_finished = self._job_finished
         self._moved: dict[str, None] = {}  # sessions closed here as another replica owns them now (ordered)
         self._restoring = asyncio.Lock()
         self._stop = threading.Event()
@@ -90,6 +102,7 @@ class Generator:
     async def create(self, session_id: str, prompt: str, seed: int, max_seconds: float | None) -> dict:
         try:
             await self._admit(session_id, prompt, seed, max_seconds)
+            self._opened[session_id] = time.monotonic()
         except CapacityError as err:
             self._publish_free_slots()  # so the retry's routing sees this replica as full
             raise ReplicaFull(str(err)) from None
@@ -165,6 +178,15 @@ class Generator:
             "redis": self.redis_ok,
         }
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the custom autoscaling policy reads (deployments/autoscaling.py), every few seconds."""
+        return {
+            "slots_used": self.host.load,
+            "sessions": len(self._live_sessions()),
+            "capacity": self.host.max_sessions,
+            "jobs_queued": self.jobs_queued,
+        }
+
     def check_health(self) -> None:
         # Redis being away is not a replica failure (a restart would lose its live sessions).
         for thread in self._threads:
@@ -193,13 +215,17 @@ class Generator:
             try:
                 block = self.host.restore(checkpoint, from_frame or None)
             except CheckpointError as err:
-                logger.warning("session %s: not restored: %s", session_id, err)
+                self.log.warning("not restored: %s", err, extra={"session_id": session_id})
+                self.metrics.error("generator", "restore")
                 raise SessionNotHere(session_id) from None
             except CapacityError as err:
                 raise ReplicaFull(str(err)) from None
             self.events.follow(session_id, after=checkpoint.last_event_id)
-            logger.warning(
-                "session %s moved here: resumes at block %d of %d", session_id, block, checkpoint.blocks_done
+            self.log.warning(
+                "session moved here: resumes at block %d of %d",
+                block,
+                checkpoint.blocks_done,
+                extra={"session_id": session_id},
             )
 
     def _next_chunk(self, session_id: str):
@@ -220,7 +246,8 @@ class Generator:
             try:
                 self.host.run_once()
             except Exception:
-                logger.exception("engine loop failed")
+                self.log.exception("engine loop failed")
+                self.metrics.error("generator", "engine")
                 raise
 
     def _redis_loop(self) -> None:
@@ -228,8 +255,16 @@ class Generator:
         what happened meanwhile (events posted, blocks made) is caught up then."""
         saved: dict[str, int] = {}  # session -> blocks_done of its last checkpoint written
         published = -1
+        next_sample = 0.0
         while not self._stop.is_set():
             try:
+                self._observe_latencies()
+            except Exception:  # noqa: BLE001 - metrics never stop this thread
+                logger.exception("metrics failed")
+            try:
+                if time.monotonic() >= next_sample:
+                    next_sample = time.monotonic() + SAMPLE_PERIOD_S
+                    self._sample()
                 self._sync(saved)
                 if self.host.load != published:  # admission reads it: keep it current
                     self._publish_free_slots()
@@ -242,6 +277,7 @@ class Generator:
                 if self.redis_ok:
                     logger.warning("redis unavailable, sessions go on from memory: %s", err)
                     self.redis_ok = False
+                    self.metrics.error("generator", "redis")
                 published = -1
                 time.sleep(REDIS_RETRY_S)
 
@@ -249,9 +285,14 @@ class Generator:
         for session_id, event_id, event in self.events.poll():
             if event.get("type") == "prompt":
                 try:
-                    self.host.post_prompt(session_id, event["prompt"], event_id=event_id)
+                    index = self.host.post_prompt(session_id, event["prompt"], event_id=event_id)
                 except (UnknownSessionError, ValueError) as err:
-                    logger.warning("session %s: event not applied: %s", session_id, err)
+                    self.log.warning("event not applied: %s", err, extra={"session_id": session_id})
+                    continue
+                try:
+                    self._posted[(session_id, index)] = float(event.get("posted_at", ""))
+                except ValueError:
+                    self._posted[(session_id, index)] = time.time()
         for session_id in self.events.followed():
             session = self.host.sessions.get(session_id)
             if session is None or session.finished:
@@ -266,11 +307,97 @@ class Generator:
             if self.checkpoints.save(self.host.checkpoint(session_id), self.replica_id):
                 saved[session_id] = session.blocks_done
             else:  # ended by its client, or moved to another replica meanwhile
-                logger.warning("session %s: no longer ours, closing it here", session_id)
+                self.log.warning("no longer ours, closing it here", extra={"session_id": session_id})
                 self._moved[session_id] = None
                 if len(self._moved) > MOVED_REMEMBERED:
                     del self._moved[next(iter(self._moved))]
                 self.host.close(session_id)
+
+    # -- metrics -----------------------------------------------------------------------------------
+    def _live_sessions(self) -> list:
+        return [s for s in list(self.host.sessions.values()) if s.paced and not s.finished]
+
+    def _observe_latencies(self) -> None:
+        """Time to first frame and prompt-switch latency, seen within REDIS_PERIOD_S of the block."""
+        sessions = self.host.sessions
+        for session_id, opened in list(self._opened.items()):
+            session = sessions.get(session_id)
+            if session is None or session.finished or session.blocks_done > 0:
+                del self._opened[session_id]
+                if session is not None and session.blocks_done > 0:
+                    self.metrics.time_to_first_frame.observe(time.monotonic() - opened)
+        for key, posted in list(self._posted.items()):
+            session = sessions.get(key[0])
+            known = session is not None and key[1] < len(session.prompts)
+            block = session.prompts[key[1]].block if known else -1
+            if block is None:
+                continue  # not applied yet
+            if block >= 0 and session.blocks_done <= block:
+                continue  # applied, its first block not made yet
+            del self._posted[key]
+            if block >= 0:  # -1: superseded by a later prompt before any block, or the session is gone
+                self.metrics.prompt_switch.observe(max(0.0, time.time() - posted))
+
+    def _sample(self) -> None:
+        """Gauges, the session FPS histogram and the replica's admin info; reads the queue depth."""
+        m, now, live = self.metrics, time.monotonic(), self._live_sessions()
+        fps = self._rates.rate("replica", self.host.frames_made, now)
+        if fps is not None:
+            m.replica_fps.set(fps)
+            m.frames.inc(self._rates.delta)
+        if now - self._rates.last_session_sample >= SESSION_FPS_PERIOD_S:
+            self._rates.last_session_sample = now
+            for s in live:
+                rate = self._rates.rate(s.session_id, s.frames_done, now)
+                if rate is not None and s.joined:
+                    m.session_fps.observe(rate)
+            self._rates.keep({"replica", *(s.session_id for s in live)})
+        m.sessions_live.set(len(live))
+        m.jobs_running.set(int(self.jobs is not None and self.jobs.running is not None))
+        self.jobs_queued = self.events.jobs_queued()
+        m.jobs_queued.set(self.jobs_queued)
+        running = self.jobs.running if self.jobs is not None else None
+        self.events.publish_info(
+            {
+                "replica": self.replica_id,
+                "load": self.host.load,
+                "capacity": self.host.max_sessions,
+                "sessions": sorted(s.session_id for s in live),
+                "job": running.job_id if running is not None else None,
+                "jobs_queued": self.jobs_queued,
+                "fps": round(fps or 0.0, 2),
+                "redis": self.redis_ok,
+                "updated_at": time.time(),
+            }
+        )
+
+    def _job_finished(self, job_id: str, state: str, seconds: float) -> None:
+        self.metrics.job_duration.observe(seconds, tags={"state": state})
+        if state == "failed":
+            self.metrics.error("jobs", "job_failed")
+        self.log.info("job %s after %.1f s", state, seconds, extra={"job_id": job_id})
+
+
+class RateSampler:
+    """Per key: the rate of a growing count between two samples."""
+
+    def __init__(self):
+        self.last: dict[str, tuple[float, float]] = {}  # key -> (count, time)
+        self.delta = 0.0
+        self.last_session_sample = 0.0
+
+    def rate(self, key: str, count: float, now: float) -> float | None:
+        previous = self.last.get(key)
+        self.last[key] = (count, now)
+        if previous is None or now <= previous[1]:
+            self.delta = 0.0
+            return None
+        self.delta = max(0.0, count - previous[0])
+        return self.delta / (now - previous[1])
+
+    def keep(self, keys: set[str]) -> None:
+        for key in set(self.last) - keys:
+            del self.last[key]
 
 
 def build_job_worker(config: ServiceConfig, host: LiveHost, replica_id: str):

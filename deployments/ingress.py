@@ -18,6 +18,7 @@ from jobs.worker import frames_total
 
 from .config import ServiceConfig
 from .generator import ReplicaFull, SessionMoved, SessionNotHere
+from .metrics import log, metrics
 from .schemas import CreateSession, PostPrompt, Problem, PromptPosted, SessionCreated, SessionStatus
 from .security import install
 from .store import SessionStore, token_digest, token_matches
@@ -48,6 +49,7 @@ class Ingress:
         self.generator = generator
         self.config = ServiceConfig(**config)
         guard.configure(self.config)
+        self.metrics, self.log = metrics(), log("longlive.ingress")
         self.store = SessionStore(self.config.redis_url)
         self.jobs = JobQueue(
             self.config.redis_url, self.config.job_max_attempts, self.config.job_stale_after_s
@@ -71,6 +73,7 @@ class Ingress:
                 return await getattr(self._session(session_id), method).remote(session_id, *args)
             except REPLICA_GONE:
                 if time.monotonic() > deadline:
+                    self.metrics.error("ingress", "failover_timeout")
                     raise HTTPException(
                         503, "the session's replica is gone and no other took it over"
                     ) from None
@@ -91,9 +94,12 @@ class Ingress:
             except (*REPLICA_GONE, SessionMoved):
                 deadline = deadline or time.monotonic() + self.config.failover_timeout_s
                 if time.monotonic() > deadline:
+                    self.metrics.error("ingress", "failover_timeout")
                     return
-                logger.warning(
-                    "session %s: replica gone at frame %d, resuming elsewhere", session_id, next_frame
+                self.log.warning(
+                    "replica gone at frame %d, resuming elsewhere",
+                    next_frame,
+                    extra={"session_id": session_id},
                 )
                 await asyncio.sleep(FAILOVER_BACKOFF_S)
             except SessionNotHere:
@@ -138,6 +144,7 @@ class Ingress:
                 await self.store.delete(session_id)
                 await asyncio.sleep(ADMISSION_BACKOFF_S)
         else:
+            self.metrics.error("ingress", "capacity")
             raise HTTPException(
                 503, "every replica is at capacity", headers={"Retry-After": str(self.config.retry_after_s)}
             )
@@ -255,3 +262,16 @@ class Ingress:
     async def cancel_job(self, job_id: str, authorization: str | None = Header(None)) -> dict:
         await self._job(job_id, bearer(authorization))
         return {"cancelled": await asyncio.to_thread(self.jobs.cancel, job_id)}
+
+    # -- admin -------------------------------------------------------------------------------------
+    @app.get("/v1/admin/replicas")
+    async def replicas(self) -> dict:
+        """Generator replicas (what each published in the last few seconds: load, capacity, its live
+        sessions, its job, FPS) and the job queue's depth. Behind X-API-Key when keys are configured."""
+        replicas = await self.store.replicas()
+        return {
+            "replicas": replicas,
+            "sessions": sum(len(r.get("sessions", [])) for r in replicas),
+            "capacity": sum(r.get("capacity", 0) for r in replicas),
+            "jobs_queued": max((r.get("jobs_queued", 0) for r in replicas), default=0),
+        }

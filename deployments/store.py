@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import threading
 import time
 
@@ -12,6 +13,8 @@ SESSION = "session:{}"  # hash: token_sha256, replica, seed, created_at, ended
 EVENTS = "session:{}:events"  # stream of {"type": "prompt", "prompt": ...}
 CHECKPOINT = "session:{}:checkpoint"  # hash: meta (JSON), block:{n} (latents); see checkpoints.py
 LOAD = "replica_load"  # hash: replica id -> free session slots (capacity - live sessions)
+REPLICA = "replica:{}"  # hash: a replica's info for the admin view (load, sessions, fps); short TTL
+REPLICA_TTL_S = 15
 EVENTS_MAXLEN = 1000
 SESSION_TTL_S = 24 * 3600
 _MOVE = """
@@ -77,6 +80,15 @@ class SessionStore:
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
+    async def replicas(self) -> list[dict]:
+        """What each live Generator replica published last (deployments/generator.py), sorted by id."""
+        found = []
+        async for key in self.redis.scan_iter(match=REPLICA.format("*"), count=1000):
+            info = await self.redis.hgetall(key)
+            if info:
+                found.append({k: json.loads(v) for k, v in info.items()})
+        return sorted(found, key=lambda info: str(info.get("replica")))
+
 
 class ReplicaEvents:
     """Sync access for a Generator replica's Redis thread: its load, and its sessions' new events."""
@@ -106,6 +118,26 @@ class ReplicaEvents:
 
     def set_free_slots(self, slots: int) -> None:
         self.redis.hset(LOAD, self.replica_id, slots)
+
+    def publish_info(self, info: dict) -> None:
+        """The replica's info for the admin view; it expires REPLICA_TTL_S after the replica goes."""
+        key = REPLICA.format(self.replica_id)
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping={k: json.dumps(v) for k, v in info.items()})
+        pipe.expire(key, REPLICA_TTL_S)
+        pipe.execute()
+
+    def jobs_queued(self) -> int:
+        """Jobs not yet handed to any worker (the consumer group's lag)."""
+        import redis
+
+        from jobs.queue import GROUP, STREAM
+
+        try:
+            groups = self.redis.xinfo_groups(STREAM)
+        except redis.ResponseError:  # no queue yet
+            return 0
+        return sum(int(g.get("lag") or 0) for g in groups if g.get("name") == GROUP)
 
     def poll(self) -> list[tuple[str, dict]]:
         """(session, event id, fields) of the followed sessions' new events, oldest first; no blocking."""

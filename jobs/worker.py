@@ -332,6 +332,8 @@ class JobWorker:
         self.drive_engine = drive_engine  # standalone: no replica loop steps the host, so this does
         self.spool_dir = Path(spool_dir) if spool_dir else default_spool_dir()
         self.backoff = Backoff(retry_s, retry_max_s)
+        # Called with (job id, state, seconds since claimed) when a job leaves this worker (metrics).
+        self.on_finished: Callable[[str, str, float], None] | None = None
 
     def start(self) -> list[threading.Thread]:
         threads = [threading.Thread(target=self._claim_loop, name="jobs", daemon=True)]
@@ -363,6 +365,7 @@ class JobWorker:
             if claimed is None:
                 continue
             self.running = claimed
+            started, state = time.monotonic(), "failed"
             try:
                 state = run_job(
                     self.host,
@@ -393,6 +396,8 @@ class JobWorker:
             finally:
                 self.running = None
                 next_sweep = 0.0
+                if self.on_finished is not None:
+                    self.on_finished(claimed.job_id, state, time.monotonic() - started)
 
 
 def main() -> None:

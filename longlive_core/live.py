@@ -103,6 +103,7 @@ class LiveHost:
         self.window_blocks = self.config.window_frames // self.config.block_frames
         self.sessions: dict[str, LiveSession] = {}
         self.step_seconds: deque[float] = deque(maxlen=1000)  # block steps incl. decode, newest last
+        self.frames_made = 0  # video frames made for any session since the host started (metrics)
         self._commands: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # commands queued / chunks produced
@@ -498,6 +499,7 @@ class LiveHost:
                         s.kept.pop(oldest, None)
                 s.blocks_done += 1
                 s.frames_done += len(frames)
+                self.frames_made += len(frames)
                 if s.playback_start is None:
                     s.playback_start = now
                 if s.num_blocks is not None and s.blocks_done >= s.num_blocks:

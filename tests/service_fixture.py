@@ -82,7 +82,15 @@ def running_service(directory: Path):
         s3.start()
         s3_endpoint = "http://{}:{}".format(*s3.get_host_and_port())
         boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
-        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+        metrics_port = free_port()  # Prometheus text of every metric (tests/test_serve_metrics.py)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            num_gpus=0,
+            include_dashboard=False,
+            log_to_driver=False,
+            _metrics_export_port=metrics_port,
+        )
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy(redis_url, 2, s3_endpoint)
@@ -90,7 +98,13 @@ def running_service(directory: Path):
         wait_ready(base, timeout=300)
         wait_replicas(2)
         try:
-            yield {"base": base, "redis_url": redis_url, "s3": s3_endpoint, "redis": redis}
+            yield {
+                "base": base,
+                "redis_url": redis_url,
+                "s3": s3_endpoint,
+                "redis": redis,
+                "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+            }
         finally:
             serve.shutdown()
             ray.shutdown()
