@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Header, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
@@ -22,6 +22,7 @@ from .metrics import log, metrics
 from .schemas import CreateSession, PostPrompt, Problem, PromptPosted, SessionCreated, SessionStatus
 from .security import install
 from .store import SessionStore, token_digest, token_matches
+from .webpage import web_file
 
 app = FastAPI(title="longlive", description="Real-time interactive long text-to-video (LongLive)")
 guard = install(app)  # rate limit, API key, body size, error handlers (deployments/security.py)
@@ -112,6 +113,14 @@ class Ingress:
         if not token_matches(record, token):
             raise HTTPException(403, "wrong or missing session token")
         return record
+
+    @app.get("/", include_in_schema=False)
+    async def page(self) -> FileResponse:
+        return web_file()  # the web page (deployments/web/)
+
+    @app.get("/web/{name}", include_in_schema=False)
+    async def page_asset(self, name: str) -> FileResponse:
+        return web_file(name)
 
     @app.get("/healthz")
     async def healthz(self) -> dict:

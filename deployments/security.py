@@ -2,7 +2,8 @@
 
 One pure ASGI middleware, for HTTP and WebSocket alike, checks in this order:
 1. rate limit per client (fixed 1-minute window counted in Redis, shared by all ingress replicas) -> 429;
-2. the service-wide API key (`X-API-Key`, when any key is configured) -> 401 (WebSocket: close 4401);
+2. the service-wide API key (`X-API-Key`, when any key is configured; a WebSocket may give it as `?api_key=`,
+   browsers cannot send its headers) -> 401 (WebSocket: close 4401); the web page's files need none;
 3. the request body's size (Content-Length, and the bytes actually streamed) -> 413;
 and answers any exception the app did not handle with a 500 that names a request id, never a traceback.
 Exception handlers: Redis down -> 503 with Retry-After; a bad body -> 422 listing loc + msg per error only.
@@ -21,6 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import parse_qs
 
 import redis.exceptions
 from fastapi import FastAPI, Request
@@ -36,7 +38,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 logger = logging.getLogger("longlive.security")
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/openapi.json"})  # no API key needed
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/openapi.json", "/"})  # no API key needed
+PUBLIC_PREFIXES = ("/web/",)  # the web page's assets (it holds no secret; it sends the key typed into it)
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz"})  # probes: not rate limited, answer with Redis down
 RATE_KEY = "ratelimit:{}:{}"  # client, window (unix minute)
 WINDOW_S = 60
@@ -78,6 +81,15 @@ def header(scope: Scope, wanted: bytes) -> str | None:
     return None
 
 
+def query_param(scope: Scope, wanted: str) -> str | None:
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(wanted)
+    return values[0] if values else None
+
+
+def public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
 class Guard:
     """The checks' settings and Redis client; `configure` is called by the Ingress's constructor."""
 
@@ -109,6 +121,8 @@ class Guard:
         if not self.digests:
             return True
         given = header(scope, b"x-api-key")
+        if given is None and scope["type"] == "websocket":
+            given = query_param(scope, "api_key")  # a browser cannot send headers on a WebSocket
         digest = key_digest(given) if given else ""
         found = False
         for expected in self.digests:  # no early exit: the time does not tell which key matched
@@ -168,7 +182,7 @@ class GuardMiddleware:
             await refuse(429, {"detail": "rate limit exceeded"}, {"Retry-After": str(retry)}, 4429)
             return
         # 2. API key.
-        if scope["path"] not in PUBLIC_PATHS and not guard.key_ok(scope):
+        if not public(scope["path"]) and not guard.key_ok(scope):
             await refuse(401, {"detail": "missing or wrong X-API-Key"}, ws_code=4401)
             return
         # 3. Body size: the declared length first, then the bytes actually sent (chunked bodies).
