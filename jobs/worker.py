@@ -330,6 +330,7 @@ class JobWorker:
         self.preempt = threading.Event()  # set by a live session that needs the slot
         self.running: Claimed | None = None
         self.drive_engine = drive_engine  # standalone: no replica loop steps the host, so this does
+        self.threads: list[threading.Thread] = []
         self.spool_dir = Path(spool_dir) if spool_dir else default_spool_dir()
         self.backoff = Backoff(retry_s, retry_max_s)
         # Called with (job id, state, seconds since claimed) when a job leaves this worker (metrics).
@@ -341,7 +342,15 @@ class JobWorker:
             threads.append(threading.Thread(target=self._engine_loop, name="engine", daemon=True))
         for thread in threads:
             thread.start()
+        self.threads = threads
         return threads
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop claiming and wait (up to `timeout` s per thread) until the threads have ended: a worker
+        still waiting in XREADGROUP would otherwise take the next job submitted."""
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout)
 
     def _engine_loop(self) -> None:
         while not self.stop.is_set():
@@ -364,6 +373,9 @@ class JobWorker:
                 continue
             if claimed is None:
                 continue
+            if self.stop.is_set():  # stopped while waiting for a job: give it back untouched
+                self.queue.release(claimed)
+                break
             self.running = claimed
             started, state = time.monotonic(), "failed"
             try:

@@ -143,7 +143,7 @@ def test_a_60_s_job_with_three_switches_lands_in_s3(pipe, redis_url, s3, callbac
     try:
         record = wait_state(queue, job_id, {"done", "failed"}, timeout=300)
     finally:
-        worker.stop.set()
+        worker.shutdown()
     assert record["state"] == "done" and int(record["frames_done"]) == int(record["frames_total"]) == 969
     url = store.url(record["key"])
     data = httpx.get(url, timeout=30).content  # the presigned URL serves it
@@ -208,7 +208,7 @@ def test_a_killed_worker_s_job_is_redone_and_lands_exactly_once(pipe, redis_url,
     try:
         record = wait_state(queue, job_id, {"done", "failed"}, timeout=300)
     finally:
-        worker.stop.set()
+        worker.shutdown()
     assert record["state"] == "done" and record["consumer"] == "rescuer" and int(record["attempts"]) == 2
     listing = store.client.list_objects_v2(Bucket=BUCKET, Prefix=f"videos/{job_id}")
     assert [o["Key"] for o in listing["Contents"]] == [video_key(job_id)]
@@ -227,7 +227,7 @@ def test_cancel_stops_within_a_block_and_leaves_nothing(pipe, redis_url, s3):
         at_cancel = int(queue.get(job_id)["frames_done"])
         record = wait_state(queue, job_id, {"cancelled"}, timeout=30)
     finally:
-        worker.stop.set()
+        worker.shutdown()
     assert int(record["frames_done"]) - at_cancel <= 12  # at most the block in flight
     assert not store.exists(video_key(job_id)) and not open_uploads(store)
     assert not queue.cancel(job_id)  # ended
@@ -244,7 +244,7 @@ def test_a_job_that_keeps_failing_goes_to_the_dead_letter_stream(pipe, redis_url
         record = wait_state(queue, job_id, {"failed"}, timeout=60)
         wait_for(lambda: not list(spool.iterdir()), 10, "the dead job's spool file stays")
     finally:
-        worker.stop.set()
+        worker.shutdown()
     assert "NoSuchBucket" in record["error"]
     assert not messages(caplog, f"job {job_id}: upload failed")  # not taken for an outage
     assert messages(caplog, f"job {job_id}: its video is spooled already")  # the retry reused it
@@ -290,9 +290,9 @@ def test_s3_down_when_a_job_ends_it_waits_uploading_and_lands_once_s3_is_back(
         revived.start()
         record = wait_state(queue, job_id, {"done", "failed"}, timeout=60)
     finally:
-        worker.stop.set()
+        worker.shutdown()
         if rival is not None:
-            rival.stop.set()
+            rival.shutdown()
         if revived is not None:
             revived.stop()
     assert record["state"] == "done" and record["consumer"] == "w-s3-down" and int(record["attempts"]) == 1
@@ -316,7 +316,7 @@ def test_cancel_while_uploading_stops_the_retries_and_deletes_the_spool_file(pip
         record = wait_state(queue, job_id, {"cancelled", "done", "failed"}, timeout=30)
         wait_for(lambda: worker.running is None, 10, "the worker is still on the job")
     finally:
-        worker.stop.set()
+        worker.shutdown()
     assert record["state"] == "cancelled" and not list(spool.iterdir())
     assert not S3Store(BUCKET, s3).exists(video_key(job_id)) and not queue.cancel(job_id)
     assert not queue.redis.xpending(STREAM, GROUP)["pending"]
@@ -334,7 +334,7 @@ def test_a_restarted_worker_uploads_the_spooled_video_instead_of_generating_it(
     try:
         wait_state(queue, job_id, {"uploading"}, timeout=60)
     finally:
-        first.stop.set()  # shut down while S3 is away: the job is released, its video stays spooled
+        first.shutdown()  # shut down while S3 is away: the job is released, its video stays spooled
     wait_for(lambda: first.running is None, 10, "the first worker did not let go")
     assert queue.get(job_id)["state"] == "queued" and (spool / f"{job_id}.mp4").is_file()
     store = S3Store(BUCKET, s3)
@@ -342,7 +342,7 @@ def test_a_restarted_worker_uploads_the_spooled_video_instead_of_generating_it(
     try:
         record = wait_state(queue, job_id, {"done", "failed"}, timeout=60)
     finally:
-        second.stop.set()
+        second.shutdown()
     assert record["state"] == "done" and record["consumer"] == "w-second" and int(record["attempts"]) == 1
     assert messages(caplog, f"job {job_id}: its video is spooled already")
     assert not second.host.sessions  # it opened no session: nothing was generated again
@@ -368,7 +368,7 @@ def test_redis_killed_and_restarted_mid_job_the_job_still_lands_whole(pipe, s3, 
             server.start()
             record = wait_state(queue, job_id, {"done", "failed"}, timeout=120)
         finally:
-            worker.stop.set()
+            worker.shutdown()
         total = frames_total(10)
         assert record["state"] == "done" and record["consumer"] == "w-redis" and int(record["attempts"]) == 1
         assert int(record["frames_done"]) == int(record["frames_total"]) == total
