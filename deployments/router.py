@@ -10,15 +10,21 @@ runs in every process that holds a handle to the Generator (each ingress replica
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 from collections import OrderedDict
 
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from redis.exceptions import RedisError
 
 from .store import SessionStore
 
 OWNER_CACHE_SIZE = 100_000  # sessions whose owner this process remembers without asking Redis
+REDIS_ATTEMPTS = 3  # a pooled connection from before a Redis restart fails once, then reconnects
+REDIS_RETRY_S = 0.1
+logger = logging.getLogger("ray.serve.longlive.router")
 
 
 class SessionRouter(RequestRouter):
@@ -45,6 +51,24 @@ class SessionRouter(RequestRouter):
             return [candidate_replicas]
         pending_request.routing_context.should_backoff = True
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
+        # Never raise here: an exception ends Ray's routing loop and the request would hang unrouted.
+        for attempt in range(REDIS_ATTEMPTS):
+            try:
+                owner = await self._owner(session_id, by_id)
+                break
+            except RedisError as err:  # Redis away, or a pooled connection from before its restart
+                if attempt + 1 == REDIS_ATTEMPTS:
+                    logger.warning("routing %s without the session table: %s", session_id, err)
+                    owner = self._owners.get(session_id)
+                    return [[by_id[owner]]] if owner in by_id else [candidate_replicas]
+                await asyncio.sleep(REDIS_RETRY_S)
+        self._owners[session_id] = owner
+        self._owners.move_to_end(session_id)
+        if len(self._owners) > OWNER_CACHE_SIZE:
+            self._owners.popitem(last=False)
+        return [[by_id[owner]]] if owner in by_id else [candidate_replicas]
+
+    async def _owner(self, session_id: str, by_id: dict[str, RunningReplica]) -> str | None:
         owner = self._owners.get(session_id)
         if owner not in by_id:  # not known here, or its replica is gone: ask the table
             owner = await self.store.owner(session_id)
@@ -54,11 +78,7 @@ class SessionRouter(RequestRouter):
             # Its replica died or was removed: move it to the least-loaded one, which restores it from its
             # checkpoint (unless another router moved it first: then follow that move).
             owner = await self.store.move(session_id, owner, await self._least_loaded(by_id))
-        self._owners[session_id] = owner
-        self._owners.move_to_end(session_id)
-        if len(self._owners) > OWNER_CACHE_SIZE:
-            self._owners.popitem(last=False)
-        return [[by_id[owner]]] if owner in by_id else [candidate_replicas]
+        return owner
 
     async def _least_loaded(self, by_id: dict[str, RunningReplica]) -> str:
         """The replica with the most free slots (replicas of any size); ties spread at random."""

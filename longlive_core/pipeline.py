@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import GenerationConfig, ModelConfig, RuntimeConfig
-from .models.transformer_causal_wan import CausalWanTransformer, init_random_weights
+from .config import GenerationConfig, RuntimeConfig
+from .models.transformer_causal_wan import CausalWanTransformer
+from .random_models import random_full_size, tiny_random
 from .schedule import PromptChange, blocks_for_seconds, switch_block, validate_schedule, video_frames
 from .session import GenerationSession
 from .text_encoder import TextEncoder
@@ -186,7 +187,8 @@ class LongLivePipeline:
         generation_config: GenerationConfig | None = None,
         runtime: RuntimeConfig | None = None,
     ) -> LongLivePipeline:
-        """`tiny-random` (built in), a model name (`longlive-1.3b`), a local directory or a hub repo id.
+        """`tiny-random` or `random-1.3b` (built in, random weights; the second full size, for benchmarks),
+        a model name (`longlive-1.3b`), a local directory or a hub repo id.
 
         Defaults: CUDA with bf16 when available, else CPU with float32. Raises MissingWeightsError
         (with the `longlive download` hint) when weights are not on disk.
@@ -196,11 +198,11 @@ class LongLivePipeline:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if model == "tiny-random":
-            transformer = init_random_weights(CausalWanTransformer(ModelConfig.from_name("tiny")), seed=0)
-            tiny = transformer.config
-            text_encoder = TextEncoder.tiny_random(d_model=tiny.text_dim, seed=0, text_len=tiny.text_len)
-            vae = _tiny_random_decoder(decoder)
+            transformer, text_encoder, vae = tiny_random(decoder)
             default_size = DEFAULT_SIZES[model]
+        elif model == "random-1.3b":
+            transformer, text_encoder, vae = random_full_size(decoder, device, dtype)
+            default_size = REAL_MODEL_SIZE
         else:
             files = resolve_model_files(model)
             transformer = load_transformer(files, device, dtype)
@@ -278,16 +280,6 @@ class LongLivePipeline:
             if callback is not None:
                 callback(stream, chunk)
         return np.concatenate(chunks)
-
-
-def _tiny_random_decoder(decoder: Decoder) -> nn.Module:
-    if decoder == "tae":
-        from .models.tae_wan import TAEConfig, TinyVideoDecoder, init_random_tae
-
-        return init_random_tae(TinyVideoDecoder(TAEConfig.from_name("tiny")), seed=0)
-    from .models.vae_wan import VAEConfig, WanVAEDecoder, init_random_weights
-
-    return init_random_weights(WanVAEDecoder(VAEConfig.from_name("tiny")), seed=0)
 
 
 def _load_text_encoder(files: ModelFiles, text_len: int, device, dtype) -> TextEncoder:

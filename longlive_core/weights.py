@@ -43,7 +43,7 @@ NAMED_MODELS: dict[str, HubModel] = {
     "longlive-1.3b": HubModel("Wan-AI/Wan2.1-T2V-1.3B", "Efficient-Large-Model/LongLive-1.3B"),
     "wan2.1-t2v-1.3b": HubModel("Wan-AI/Wan2.1-T2V-1.3B"),
 }
-BUILTIN_MODELS = ("tiny-random",)
+BUILTIN_MODELS = ("tiny-random", "random-1.3b")  # random weights, no files
 BASE_FILES = (
     "config.json",
     "diffusion_pytorch_model*.safetensors*",

@@ -1,0 +1,65 @@
+"""Built-in models with random weights: `tiny-random` (CPU tests, the embedded default) and
+`random-1.3b` (the full-size architecture, for benchmarks of the service where no weights exist).
+
+Speed does not depend on weight values, so `random-1.3b` measures what LongLive-1.3B costs: the 1.3B
+DiT, the 5.7B umT5-XXL encoder (with a byte tokenizer: no files) and the Wan VAE decoder or TAEW2_1.
+Its weights are drawn on the target device (seconds on a GPU; the CPU would take minutes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .models.transformer_causal_wan import CausalWanTransformer, init_random_weights
+from .text_encoder import TextEncoder, TextEncoderConfig, tiny_tokenizer
+
+RANDOM_MODELS = ("tiny-random", "random-1.3b")
+
+
+def tiny_random(decoder: str) -> tuple[CausalWanTransformer, TextEncoder, nn.Module]:
+    transformer = init_random_weights(CausalWanTransformer(ModelConfig.from_name("tiny")), seed=0)
+    tiny = transformer.config
+    text_encoder = TextEncoder.tiny_random(d_model=tiny.text_dim, seed=0, text_len=tiny.text_len)
+    return transformer, text_encoder, _random_decoder(decoder, "tiny")
+
+
+def random_full_size(
+    decoder: str, device: torch.device, dtype: torch.dtype
+) -> tuple[CausalWanTransformer, TextEncoder, nn.Module]:
+    from transformers import UMT5EncoderModel
+
+    with torch.device(device):
+        transformer = CausalWanTransformer(ModelConfig.from_name("wan2.1-t2v-1.3b"))
+        encoder = UMT5EncoderModel(TextEncoderConfig.from_name("umt5-xxl").to_umt5()).to(dtype)
+    _scale_random(transformer)
+    text_len = transformer.config.text_len
+    text_encoder = TextEncoder(encoder, tiny_tokenizer(text_len), text_len=text_len)
+    return transformer, text_encoder, _random_decoder(decoder, "full")
+
+
+def _scale_random(model: nn.Module) -> None:
+    """Unit-scale activations (matrices ~ U(+-1/sqrt(fan_in))), non-zero modulations and biases: the
+    values init_random_weights draws, drawn on the model's device."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2 and "modulation" not in name:
+                p.uniform_(-1, 1, generator=gen).mul_(p[0].numel() ** -0.5)
+            elif "modulation" in name or not name.endswith("weight"):
+                p.normal_(0, 0.1, generator=gen)
+            else:
+                p.fill_(1.0)
+
+
+def _random_decoder(decoder: str, size: str) -> nn.Module:
+    preset = "tiny" if size == "tiny" else {"tae": "taew2_1", "wan": "wan2.1"}[decoder]
+    if decoder == "tae":
+        from .models.tae_wan import TAEConfig, TinyVideoDecoder, init_random_tae
+
+        return init_random_tae(TinyVideoDecoder(TAEConfig.from_name(preset)), 0)
+    from .models.vae_wan import VAEConfig, WanVAEDecoder
+    from .models.vae_wan import init_random_weights as init_vae
+
+    return init_vae(WanVAEDecoder(VAEConfig.from_name(preset)), seed=0)
