@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--sessions-per-replica", type=int, default=1)
     parser.add_argument("--sessions", type=int, default=None, help="open this many (default: to capacity)")
     parser.add_argument("--seconds", type=float, default=40, help="video per session")
-    parser.add_argument("--kill-after", type=float, default=15, help="wall seconds into the streams")
+    parser.add_argument("--kill-after", type=float, default=15, help="seconds in; 0: no kill")
     parser.add_argument("--playback-speed", type=float, default=1.0, help="0: unpaced (throughput)")
     parser.add_argument("--size", type=int, nargs=2, default=None)
     parser.add_argument("--compile", action="store_true")
@@ -106,6 +106,7 @@ def main() -> None:
             compile=args.compile,
             replica_gpus=1 if gpus else 0,
             max_sessions=args.sessions_per_replica,
+            warm_up_sessions=args.sessions_per_replica,
             playback_speed=args.playback_speed,
             jobs=False,
             store_dir=str(Path(tmp) / "videos"),
@@ -133,11 +134,11 @@ def main() -> None:
             viewers[-1].start()
         opened = time.monotonic()
 
-        time.sleep(args.kill_after)
+        time.sleep(max(args.kill_after, 5))
         for v in viewers:
             v.status()
         victim, moved, killed_at = None, [], float("nan")
-        if replicas > 1:  # with one replica its sessions could only wait for a replacement to start
+        if replicas > 1 and args.kill_after > 0:  # with one replica they could only wait for a new one
             victim = viewers[0].session["replica"]
             moved = [v for v in viewers if v.session["replica"] == victim]
             killed_at = time.monotonic()

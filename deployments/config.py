@@ -28,6 +28,9 @@ class ServiceConfig(BaseModel):
     store_dir: str = Field("videos", description="local-directory store (the embedded default)")
     job_stale_after_s: float = Field(60, gt=0, description="a job silent this long is redone elsewhere")
     job_max_attempts: int = Field(3, ge=1)
+    warm_up_sessions: int = Field(
+        1, ge=1, description="concurrent sessions the warm-up compiles for (at most max_sessions)"
+    )
     max_prompt_chars: int = Field(2000, ge=1, le=2000, description="longer prompts get 422 (hard cap 2000)")
     max_session_seconds: float = Field(3600, gt=0, le=3600, description="a session's max_seconds bound")
     max_job_seconds: float = Field(3600, gt=0, le=3600, description="a job's seconds bound")

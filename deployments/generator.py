@@ -73,7 +73,7 @@ class Generator:
         self.config = ServiceConfig(**config)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.host = build_host(self.config)
-        self.host.warm_up()
+        self.host.warm_up(sessions=min(self.config.warm_up_sessions, self.config.max_sessions))
         self.events = ReplicaEvents(self.config.redis_url, self.replica_id)
         self.events.set_free_slots(self.host.max_sessions)
         self.checkpoints = CheckpointStore(self.config.redis_url, self.config.checkpoint_ttl_s)
