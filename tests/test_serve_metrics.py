@@ -58,7 +58,9 @@ def test_metrics_admin_endpoint_and_status_after_a_short_session(service, capsys
                 assert cli(["status", "--url", base]) == 0
                 assert sid in capsys.readouterr().out
                 body = {"schedule": [{"at": 0, "prompt": FOREST}], "seconds": 240}  # busy while we look
-                count = len(admin["replicas"]) + 1  # one more than there are workers (replicas)
+                # More jobs than workers (one per replica), also if a replica still warming up (e.g. the
+                # replacement of one killed by an earlier test) joins while we look.
+                count = 2 * len(admin["replicas"]) + 2
                 jobs = [httpx.post(f"{base}/v1/jobs", json=body, timeout=30).json() for _ in range(count)]
                 deadline = time.monotonic() + 45  # the metrics agent exports every ~10 s; CI is slow
                 busy = ("jobs_queued", "jobs_running", "sessions_live")
