@@ -34,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import command_line, emit  # noqa: E402
 from jobs.worker import frames_total  # noqa: E402
-from tests.serving import free_port, running_redis, wait_ready  # noqa: E402
+from tests.serving import deploy_shipped_app, free_port, running_redis, wait_ready  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "longlive-videos"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}
 ROUTES = ["create", "stream", "prompt", "status", "job submit", "job status", "job video"]
@@ -48,11 +47,8 @@ def service(directory: Path, args: argparse.Namespace):
     The way tests/service_fixture.py starts it, with this bench's replicas, capacity and pacing."""
     import boto3
     import ray
-    import yaml
     from moto.server import ThreadedMotoServer
     from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
 
     os.environ.update(S3_ENV)  # before ray.init: the replicas inherit them
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's access log: a line per request
@@ -65,9 +61,7 @@ def service(directory: Path, args: argparse.Namespace):
         try:
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-            app = config["applications"][0]
-            app["args"].update(
+            overrides = dict(
                 redis_url=redis.url,
                 model=args.model,
                 size=list(args.size),
@@ -81,8 +75,7 @@ def service(directory: Path, args: argparse.Namespace):
                 spool_dir=str(directory / "spool"),  # not the shared <tmp>/longlive-spool
                 rate_limit_per_minute=args.rate_limit,
             )
-            app["deployments"][0]["num_replicas"] = args.replicas
-            _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=False)
+            deploy_shipped_app(overrides, args.replicas)
             base = f"http://127.0.0.1:{port}"
             wait_ready(base, timeout=600)
             while _running_replicas(serve) < args.replicas:  # wait_ready needs only one

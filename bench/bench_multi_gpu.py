@@ -24,14 +24,11 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import command_line, emit  # noqa: E402
-from tests.serving import free_port, redis_server, wait_ready  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.serving import deploy_shipped_app, free_port, redis_server, wait_ready  # noqa: E402
 
 
 class Viewer(threading.Thread):
@@ -87,8 +84,6 @@ def main() -> None:
     import ray
     import torch
     from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
 
     gpus = torch.cuda.device_count() if args.gpus is None else args.gpus
     replicas = gpus or args.replicas or 1
@@ -97,9 +92,7 @@ def main() -> None:
         ray.init(address="local", num_gpus=gpus, include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-        app = config["applications"][0]
-        app["args"].update(
+        overrides = dict(
             redis_url=redis_url,
             model=args.model,
             size=size,
@@ -112,9 +105,7 @@ def main() -> None:
             store_dir=str(Path(tmp) / "videos"),
             rate_limit_per_minute=0,
         )
-        app["deployments"][0]["num_replicas"] = replicas
-        app["deployments"][0].pop("autoscaling_config", None)
-        _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=False)
+        deploy_shipped_app(overrides, replicas)
         base = f"http://127.0.0.1:{port}"
         started = time.monotonic()
         wait_ready(base, timeout=1800)

@@ -20,14 +20,11 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import command_line, emit  # noqa: E402
-from tests.serving import free_port, redis_server, wait_ready  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.serving import deploy_shipped_app, free_port, redis_server, wait_ready  # noqa: E402
 
 
 def viewer(base: str, index: int, seconds: float, switch_after: float, out: dict) -> None:
@@ -69,8 +66,6 @@ def main() -> None:
 
     import ray
     from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
 
     rows = [
         "| viewers | time to first frame (ms, median / max) | prompt-to-pixel (ms, median / max) |",
@@ -80,9 +75,7 @@ def main() -> None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-        app = config["applications"][0]
-        app["args"].update(
+        overrides = dict(
             redis_url=redis_url,
             model=args.model,
             size=args.size,
@@ -90,7 +83,7 @@ def main() -> None:
             max_sessions=max(args.viewers),
             playback_speed=1.0,
         )
-        _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]))
+        deploy_shipped_app(overrides, 1)
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, timeout=600)
         for n in args.viewers:

@@ -18,12 +18,9 @@ import httpx
 import numpy as np
 import pytest
 import ray
-import yaml
 from ray import serve
-from ray.serve.context import _get_global_client
-from ray.serve.schema import ServeDeploySchema
 
-from tests.serving import free_port, running_redis, wait_ready
+from tests.serving import deploy_shipped_app, free_port, running_redis, wait_ready
 
 SIZE = (48, 32)
 BUCKET = "longlive-videos"
@@ -34,13 +31,10 @@ SPEED = 4.0  # playback clock at 4x real time: paced, but quick
 # its own client, named by X-Forwarded-For (trusted here: the tests are the only clients).
 RATE_LIMIT = 100_000
 RED, FOREST = "a red robot in a rainy city", "the robot walks into a forest"
-CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
 
 def deploy(redis_url: str, replicas: int, s3_endpoint: str) -> None:
-    config = yaml.safe_load(CONFIG.read_text())
-    app = config["applications"][0]
-    app["args"].update(
+    args = dict(
         redis_url=redis_url,
         max_sessions=CAPACITY,
         size=list(SIZE),
@@ -53,9 +47,7 @@ def deploy(redis_url: str, replicas: int, s3_endpoint: str) -> None:
         max_session_seconds=3000,  # the operator's limit, tighter than the API's 3600
         trust_forwarded_for=True,
     )
-    app["deployments"][0]["num_replicas"] = replicas
-    # Not blocking: Serve's own wait gives up after 60 s, too short for a loaded 2-core CI machine.
-    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=False)
+    deploy_shipped_app(args, replicas)
 
 
 def generator_replicas() -> int:

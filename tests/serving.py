@@ -74,6 +74,24 @@ def running_redis(directory: Path):
         server.stop()
 
 
+SERVE_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
+
+
+def deploy_shipped_app(args: dict, replicas: int) -> None:
+    """Deploy serve_config.yaml's application on the running Serve the way `serve deploy` does, its args
+    updated with `args` and `replicas` Generator replicas (a redeploy keeps the running replicas).
+    Not blocking: Serve's own wait gives up after 60 s, too short for weights, warm-up or a loaded 2-core
+    machine; wait with wait_ready()."""
+    import yaml
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
+    app["args"].update(args)
+    app["deployments"][0]["num_replicas"] = replicas
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=False)
+
+
 def wait_ready(base: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
