@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import command_line, emit  # noqa: E402
-from longlive_core import CausalWanTransformer, Engine, GenerationConfig, ModelConfig  # noqa: E402
+from longlive_core import CausalWanTransformer, Engine, GenerationConfig  # noqa: E402
 from longlive_core.config import RuntimeConfig  # noqa: E402
+from longlive_core.random_models import random_transformer  # noqa: E402
 
 VIDEO_FRAMES_PER_BLOCK = 12  # 3 latent frames x 4 (the first block gives 9)
 LATENT_SIZE = (60, 104)  # 480 x 832 video
@@ -30,18 +31,7 @@ LATENT_SIZE = (60, 104)  # 480 x 832 video
 
 def build_model(preset: str, dtype: torch.dtype) -> CausalWanTransformer:
     """Full-size model with random weights, built directly on the GPU (speed does not depend on values)."""
-    with torch.device("cuda"):
-        model = CausalWanTransformer(ModelConfig.from_name(preset))
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2 and "modulation" not in name:
-                p.uniform_(-1, 1, generator=gen).mul_(p[0].numel() ** -0.5)
-            elif "modulation" in name or not name.endswith("weight"):
-                p.normal_(0, 0.1, generator=gen)
-            else:
-                p.fill_(1.0)
-    return model.to(dtype).eval()
+    return random_transformer(preset, "cuda").to(dtype).eval()
 
 
 def timed(fn) -> float:

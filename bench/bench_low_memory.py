@@ -26,19 +26,14 @@ from bench.report import command_line, emit  # noqa: E402
 from longlive_core import LongLivePipeline, TextEncoder  # noqa: E402
 from longlive_core.config import RuntimeConfig  # noqa: E402
 from longlive_core.models.vae_wan import VAEConfig, WanVAEDecoder, init_random_weights  # noqa: E402
+from longlive_core.random_models import random_umt5_xxl  # noqa: E402
 from longlive_core.schedule import PromptChange  # noqa: E402
-from longlive_core.text_encoder import TextEncoderConfig, tiny_tokenizer  # noqa: E402
 
 GIB = 2**30
 
 
 def build_umt5_xxl() -> TextEncoder:
-    from transformers import UMT5EncoderModel
-
-    config = TextEncoderConfig.from_name("umt5-xxl").to_umt5()
-    with torch.device("cuda"):
-        model = UMT5EncoderModel(config).to(torch.bfloat16)  # random init on the GPU: seconds, not minutes
-    return TextEncoder(model, tiny_tokenizer(512), text_len=512, cache_size=0)
+    return random_umt5_xxl("cuda", torch.bfloat16, cache_size=0)  # random init on the GPU: seconds
 
 
 def run(pipe: LongLivePipeline, seconds: float, switch_every: float, tag: str) -> dict[str, float]:

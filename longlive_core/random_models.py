@@ -28,21 +28,16 @@ def tiny_random(decoder: str) -> tuple[CausalWanTransformer, TextEncoder, nn.Mod
 def random_full_size(
     decoder: str, device: torch.device, dtype: torch.dtype
 ) -> tuple[CausalWanTransformer, TextEncoder, nn.Module]:
-    from transformers import UMT5EncoderModel
+    transformer = random_transformer("wan2.1-t2v-1.3b", device)
+    return transformer, random_umt5_xxl(device, dtype), _random_decoder(decoder, "full")
 
+
+def random_transformer(preset: str, device: torch.device | str) -> CausalWanTransformer:
+    """The DiT of `preset` with the values init_random_weights draws (matrices ~ U(+-1/sqrt(fan_in)),
+    non-zero modulations and biases), drawn on `device` (float32)."""
     with torch.device(device):
-        transformer = CausalWanTransformer(ModelConfig.from_name("wan2.1-t2v-1.3b"))
-        encoder = UMT5EncoderModel(TextEncoderConfig.from_name("umt5-xxl").to_umt5()).to(dtype)
-    _scale_random(transformer)
-    text_len = transformer.config.text_len
-    text_encoder = TextEncoder(encoder, tiny_tokenizer(text_len), text_len=text_len)
-    return transformer, text_encoder, _random_decoder(decoder, "full")
-
-
-def _scale_random(model: nn.Module) -> None:
-    """Unit-scale activations (matrices ~ U(+-1/sqrt(fan_in))), non-zero modulations and biases: the
-    values init_random_weights draws, drawn on the model's device."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+        model = CausalWanTransformer(ModelConfig.from_name(preset))
+    gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2 and "modulation" not in name:
@@ -51,6 +46,17 @@ def _scale_random(model: nn.Module) -> None:
                 p.normal_(0, 0.1, generator=gen)
             else:
                 p.fill_(1.0)
+    return model
+
+
+def random_umt5_xxl(device: torch.device | str, dtype: torch.dtype, cache_size: int = 64) -> TextEncoder:
+    """umT5-XXL (5.7B) with random weights drawn on `device`, and a byte tokenizer (no files)."""
+    from transformers import UMT5EncoderModel
+
+    with torch.device(device):
+        model = UMT5EncoderModel(TextEncoderConfig.from_name("umt5-xxl").to_umt5()).to(dtype)
+    text_len = ModelConfig.from_name("wan2.1-t2v-1.3b").text_len
+    return TextEncoder(model, tiny_tokenizer(text_len), text_len=text_len, cache_size=cache_size)
 
 
 def _random_decoder(decoder: str, size: str) -> nn.Module:
