@@ -142,7 +142,6 @@ class Generator:
         (unless send_init is False: continuing a stream) + one fragment per block, decode times counted
         from the session's start; jpeg: one JPEG per frame."""
         await self._ensure(session_id, from_frame)
-        self._call(self.host.status, session_id)
         width, height = self.host.width, self.host.height
         encoder = None
         while True:
@@ -401,20 +400,12 @@ class RateSampler:
 
 
 def build_job_worker(config: ServiceConfig, host: LiveHost, replica_id: str):
-    from jobs.queue import JobQueue
-    from jobs.storage import LocalStore, S3Store
     from jobs.worker import JobWorker
 
-    queue = JobQueue(config.redis_url, config.job_max_attempts, config.job_stale_after_s)
-    store = (
-        S3Store(config.s3_bucket, config.s3_endpoint_url)
-        if config.s3_bucket
-        else LocalStore(config.store_dir)
-    )
     worker = JobWorker(
         host,
-        queue,
-        store,
+        config.job_queue(),
+        config.video_store(),
         replica_id,
         spool_dir=config.spool_dir,
         retry_s=config.upload_retry_s,

@@ -44,19 +44,13 @@ def bearer(authorization: str | None) -> str | None:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, generator: DeploymentHandle, config: dict):
-        from jobs.queue import JobQueue
-        from jobs.storage import LocalStore, S3Store
-
         self.generator = generator
         self.config = ServiceConfig(**config)
         guard.configure(self.config)
         self.metrics, self.log = metrics(), log("longlive.ingress")
         self.store = SessionStore(self.config.redis_url)
-        self.jobs = JobQueue(
-            self.config.redis_url, self.config.job_max_attempts, self.config.job_stale_after_s
-        )
-        c = self.config
-        self.videos = S3Store(c.s3_bucket, c.s3_endpoint_url) if c.s3_bucket else LocalStore(c.store_dir)
+        self.jobs = self.config.job_queue()
+        self.videos = self.config.video_store()
 
     def _check_limits(self, prompts: list[str], seconds: float | None = None, kind: str = "session") -> None:
         if errors := self.config.limit_errors(prompts, seconds, kind):

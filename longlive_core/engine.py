@@ -146,7 +146,6 @@ class Engine:
 
     def remove_session(self, session_id: str) -> None:
         self.scheduler.remove_session(session_id)
-        self._restoring.pop(session_id, None)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
