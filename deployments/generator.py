@@ -211,15 +211,26 @@ class Generator:
             checkpoint = await asyncio.to_thread(self.checkpoints.load, session_id)
             if checkpoint is None:
                 raise SessionNotHere(session_id)
+            last_event_id = checkpoint.last_event_id
+            # Prompts posted after the checkpoint (up to now) come back with it, so the restore applies
+            # each of them instead of letting the newest supersede the others.
+            events = await asyncio.to_thread(self.events.read_after, session_id, last_event_id)
+            recovered = [
+                (fields["prompt"], event_id)
+                for event_id, fields in events
+                if fields.get("type") == "prompt" and fields.get("prompt", "").strip()
+            ]
+            if events:
+                last_event_id = events[-1][0]
             try:
-                block = self.host.restore(checkpoint, from_frame or None)
+                block = self.host.restore(checkpoint, from_frame or None, recovered)
             except CheckpointError as err:
                 self.log.warning("not restored: %s", err, extra={"session_id": session_id})
                 self.metrics.error("generator", "restore")
                 raise SessionNotHere(session_id) from None
             except CapacityError as err:
                 raise ReplicaFull(str(err)) from None
-            self.events.follow(session_id, after=checkpoint.last_event_id)
+            self.events.follow(session_id, after=last_event_id)
             self.log.warning(
                 "session moved here: resumes at block %d of %d",
                 block,
@@ -288,10 +299,7 @@ class Generator:
                 except (UnknownSessionError, ValueError) as err:
                     self.log.warning("event not applied: %s", err, extra={"session_id": session_id})
                     continue
-                try:
-                    self._posted[(session_id, index)] = float(event.get("posted_at", ""))
-                except ValueError:
-                    self._posted[(session_id, index)] = time.time()
+                self._posted[(session_id, index)] = _posted_at(event)
         for session_id in self.events.followed():
             session = self.host.sessions.get(session_id)
             if session is None or session.finished:
@@ -375,6 +383,14 @@ class Generator:
         if state == "failed":
             self.metrics.error("jobs", "job_failed")
         self.log.info("job %s after %.1f s", state, seconds, extra={"job_id": job_id})
+
+
+def _posted_at(event: dict) -> float:
+    """When the ingress logged a prompt event (wall time); now if it did not say."""
+    try:
+        return float(event.get("posted_at", ""))
+    except ValueError:
+        return time.time()
 
 
 class RateSampler:

@@ -109,6 +109,11 @@ class ReplicaEvents:
         with self._lock:
             self.positions[session_id] = after or "0-0"
 
+    def read_after(self, session_id: str, after: str | None) -> list[tuple[str, dict]]:
+        """(event id, fields) of the session's events after `after` (default: all), oldest first."""
+        start = f"({after}" if after else "-"
+        return self.redis.xrange(EVENTS.format(session_id), min=start, max="+")
+
     def unfollow(self, session_id: str) -> None:
         with self._lock:
             self.positions.pop(session_id, None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -231,13 +231,22 @@ class LiveHost:
                 latents=dict(s.kept),
             )
 
-    def restore(self, checkpoint: SessionCheckpoint, from_frame: int | None = None) -> int:
+    def restore(
+        self,
+        checkpoint: SessionCheckpoint,
+        from_frame: int | None = None,
+        recovered: Sequence[tuple[str, str]] = (),
+    ) -> int:
         """Continue a session that ran on another host; returns the block it resumes at.
 
         from_frame: the first video frame the viewer still needs (default: after the last block read).
+        recovered: (prompt, event id) of the session's log events posted after the checkpoint was written.
         Its cache is rebuilt from the checkpoint's latents (one recache pass, plus a sink pass once the
         window slid), its decoder primed with the latest blocks, and prompt switches made after the resume
-        point are made again at the same blocks. Raises CheckpointError, CapacityError."""
+        point are made again at the same blocks. Prompts not applied in the checkpoint and the recovered
+        ones then take effect one block each, in order: the old host may have applied them already (a
+        viewer saw it), so none is superseded by another one that came back with it.
+        Raises CheckpointError, CapacityError."""
         cp = checkpoint
         if tuple(cp.size) != (self.width, self.height):
             raise CheckpointError(
@@ -247,18 +256,24 @@ class LiveHost:
             raise CheckpointError(f"session {cp.session_id!r} had finished")
         wanted = None if from_frame is None else block_of_frame(from_frame, self.config.block_frames)
         block = cp.resume_block(self.config, wanted)
+        now = self.clock()
         timeline = [replace(e) for e in cp.timeline]
+        timeline += [TimelineEntry(prompt, now, event_id=event_id) for prompt, event_id in recovered]
         session = LiveSession(
             cp.session_id, cp.seed, cp.num_blocks, timeline, deque(), last_read=self.clock()
         )
         session.blocks_done, session.read_blocks = block, block
         session.frames_done = video_frames(block * self.config.block_frames) if block else 0
+        pending = []
         for index, entry in enumerate(timeline):
             if entry.block is None:
-                session.waiting.append(index)
+                pending.append(index)
             elif entry.block > block:
                 session.replay[entry.block] = index  # made again at the same block
                 entry.block, entry.applied_at = None, None
+        next_block = max([block, *(b + 1 for b in session.replay)])
+        for offset, index in enumerate(pending):
+            session.replay[next_block + offset] = index
         with self._lock:
             if cp.session_id in self.sessions:
                 raise ValueError(f"session {cp.session_id!r} exists")
@@ -284,9 +299,10 @@ class LiveHost:
                 self._wake.wait(min(max_wait, self._seconds_until_due()))
             self._close_idle()
             commands, self._commands = list(self._commands), deque()
-            switches = self._take_prompt_switches()
         for command in commands:
             command()
+        with self._lock:  # after the commands: a session restored just now makes its switch at this block
+            switches = self._take_prompt_switches()
         for session, index in switches:
             embeds = self.pipe.text_encoder.encode(session.prompts[index].prompt)
             self.engine.set_prompt(session.session_id, embeds)

@@ -160,8 +160,9 @@ def run_until(host: LiveHost, sid: str, blocks: int, posts: dict[int, str], read
 def test_a_restored_session_resumes_where_the_viewer_is_with_its_prompts(pipe):
     """Host A dies after 9 blocks, its viewer having read 7; host B restores the checkpoint (through its
     serialised form) and continues at block 7: the switch A made at block 8 is made again there, a prompt
-    still waiting is applied after it, and the latents equal those of a session that never moved and had
-    its prompt re-posted at block 7. Decoded frames differ only by the primed decoder's warm-up."""
+    still waiting is applied after it and one posted to the log after the checkpoint after that (neither
+    supersedes the other), and the latents equal those of a session that never moved and had its prompt
+    re-posted at block 7. Decoded frames differ only by the primed decoder's warm-up."""
     from longlive_core.checkpoint import SessionCheckpoint, tensor_bytes
 
     def host() -> LiveHost:
@@ -180,16 +181,18 @@ def test_a_restored_session_resumes_where_the_viewer_is_with_its_prompts(pipe):
     b = host()
     b.open("neighbour", SEA, seed=1)  # B is busy with another session
     b.run_once()
-    assert b.restore(moved) == 7
+    recovered = [("posted while A was gone", "2001-0")]
+    assert b.restore(moved, recovered=recovered) == 7
     chunks = run_until(b, "s", 11, {}, read_upto=11)
     assert [c.block for c in chunks] == [7, 8, 9, 10]
     assert chunks[0].first_frame == 81  # video frames continue without a gap: 9 + 6 x 12
     timeline = [(p["prompt"], p["block"]) for p in b.status("s")["prompts"]]
-    assert timeline == [(RED, 0), (FOREST, 2), (SEA, 8), ("late prompt", 9)]
+    assert timeline == [(RED, 0), (FOREST, 2), (SEA, 8), ("late prompt", 9), ("posted while A was gone", 10)]
 
     stayed = host()  # never moved: the same prompts at the same blocks, and FOREST re-posted at block 7
     stayed.open("s", RED, seed=4)
-    expected = run_until(stayed, "s", 11, {2: FOREST, 7: FOREST, 8: SEA, 9: "late prompt"}, read_upto=11)
+    posts = {2: FOREST, 7: FOREST, 8: SEA, 9: "late prompt", 10: "posted while A was gone"}
+    expected = run_until(stayed, "s", 11, posts, read_upto=11)
     got_latents, expected_latents = b.checkpoint("s").latents, stayed.checkpoint("s").latents
     for block in range(7, 11):
         error = (got_latents[block] - expected_latents[block]).norm() / expected_latents[block].norm()
@@ -199,3 +202,12 @@ def test_a_restored_session_resumes_where_the_viewer_is_with_its_prompts(pipe):
     error = np.abs(frames - reference).mean()
     shifted = np.abs(frames[12:] - reference[:-12]).mean()  # control: the neighbouring block's frames
     assert error < 2.0 and shifted > 3 * error, (error, shifted)
+
+    # Resumed at its newest block (the viewer read all 9): the waiting prompt takes effect at that very
+    # block and the recovered one at the next (a restored session joins before switches are taken).
+    c = host()
+    from_frame = 9 + 8 * 12  # the first frame of block 9
+    assert c.restore(moved, from_frame=from_frame, recovered=recovered) == 9
+    run_until(c, "s", 11, {}, read_upto=11)
+    timeline = [(p["prompt"], p["block"]) for p in c.status("s")["prompts"]]
+    assert timeline[-2:] == [("late prompt", 9), ("posted while A was gone", 10)]
