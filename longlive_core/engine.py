@@ -8,6 +8,7 @@ comes from host-side plans, never read back from the device.
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,24 @@ def to_device(data: Tensor | list, device: torch.device, dtype: torch.dtype | No
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def padded_prompt(model: CausalWanTransformer, prompt_embeds: Tensor) -> Tensor:
+    """[tokens, text_dim] or [1, tokens, text_dim] -> [1, text_len, text_dim], zero-padded (as Wan), on the
+    model's device and in its dtype; ValueError naming the argument when the shape does not fit."""
+    mc = model.config
+    if prompt_embeds.ndim == 3 and prompt_embeds.shape[0] == 1:
+        prompt_embeds = prompt_embeds[0]
+    if prompt_embeds.ndim != 2 or prompt_embeds.shape[1] != mc.text_dim:
+        raise ValueError(
+            f"prompt_embeds must have shape [tokens, {mc.text_dim}], got {tuple(prompt_embeds.shape)}"
+        )
+    tokens = prompt_embeds.shape[0]
+    if not 0 < tokens <= mc.text_len:
+        raise ValueError(f"prompt_embeds must have 1..{mc.text_len} tokens, got {tokens}")
+    padded = torch.zeros(1, mc.text_len, mc.text_dim, device=model.device, dtype=model.dtype)
+    padded[0, :tokens] = prompt_embeds.to(padded)
+    return padded
 
 
 @dataclass(frozen=True)
@@ -90,7 +109,7 @@ class Engine:
 
         first_frame: the absolute latent frame index the session starts at (absolute RoPE only).
         """
-        prompt = self._check_prompt(prompt_embeds)
+        prompt = padded_prompt(self.model, prompt_embeds)
         self.scheduler.add_session(session_id, seed, num_blocks, first_frame)
         self.prompts[session_id] = prompt
 
@@ -126,8 +145,8 @@ class Engine:
         if needs_sink:
             if sink_prompt_embeds is None or sink_latents is None:
                 raise ValueError("restoring after the window slid needs the sink's prompt and latents")
-            sink = (self._check_prompt(sink_prompt_embeds), sink_latents.to(self.model.device))
-        prompt = self._check_prompt(prompt_embeds)
+            sink = (padded_prompt(self.model, sink_prompt_embeds), sink_latents.to(self.model.device))
+        prompt = padded_prompt(self.model, prompt_embeds)
         self.scheduler.add_session(
             session_id,
             seed,
@@ -140,7 +159,7 @@ class Engine:
 
     def set_prompt(self, session_id: str, prompt_embeds: Tensor) -> None:
         """New prompt for a session: applied by KV-recache before its next block."""
-        prompt = self._check_prompt(prompt_embeds)
+        prompt = padded_prompt(self.model, prompt_embeds)
         self.scheduler.set_prompt(session_id)
         self.prompts[session_id] = prompt
 
@@ -150,37 +169,57 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def _check_prompt(self, prompt_embeds: Tensor) -> Tensor:
-        """[tokens, text_dim] or [1, tokens, text_dim] -> [1, text_len, text_dim], zero-padded."""
-        mc = self.model.config
-        if prompt_embeds.ndim == 3 and prompt_embeds.shape[0] == 1:
-            prompt_embeds = prompt_embeds[0]
-        if prompt_embeds.ndim != 2 or prompt_embeds.shape[1] != mc.text_dim:
-            raise ValueError(
-                f"prompt_embeds must have shape [tokens, {mc.text_dim}], got {tuple(prompt_embeds.shape)}"
-            )
-        tokens = prompt_embeds.shape[0]
-        if not 0 < tokens <= mc.text_len:
-            raise ValueError(f"prompt_embeds must have 1..{mc.text_len} tokens, got {tokens}")
-        padded = torch.zeros(1, mc.text_len, mc.text_dim, device=self.model.device, dtype=self.model.dtype)
-        padded[0, :tokens] = prompt_embeds.to(padded)
-        return padded
-
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> dict[str, Tensor]:
         """One block for every running session: {session_id: latents [C, block_frames, H, W] float32}."""
+        return self._step(exit_step=None)
+
+    @torch.no_grad()
+    def train_step(self, exit_step: int) -> dict[str, Tensor]:
+        """One block for every running session as Self-Forcing trains it: the denoising loop stops at step
+        `exit_step`, whose pass runs with autograd; its x0 is the block (returned with its graph). The
+        cache is written from the detached x0 by the commit pass, so later blocks see it as a constant."""
+        if not 0 <= exit_step < len(self.sampler):
+            raise ValueError(f"exit_step must be in [0, {len(self.sampler)}), got {exit_step}")
+        return self._step(exit_step)
+
+    def _step(self, exit_step: int | None) -> dict[str, Tensor]:
         out = self.scheduler.schedule()
         try:
             with attention_backend(self.runtime):
-                blocks = self._execute(out)
+                blocks = self._execute(out, exit_step)
         except Exception:
             logger.exception("engine step failed; scheduler output: %s", out)
             raise
         self.scheduler.update(out)
         return blocks
 
-    def _execute(self, out: SchedulerOutput) -> dict[str, Tensor]:
+    # -- state (training checkpoints) --------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a step reads: caches, clean-latent history, prompts and the scheduler (pickled: it
+        is torch-free plain data). Restoring it continues the sessions bit for bit."""
+        if self._restoring:
+            raise RuntimeError("sessions are waiting to be restored; step once before saving")
+        return {
+            "cache": [t.detach().cpu() for t in self.cache.tensors()],
+            "history": self.history.cpu(),
+            "prompts": {k: v.cpu() for k, v in self.prompts.items()},
+            "scheduler": pickle.dumps(self.scheduler),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        tensors = self.cache.tensors()
+        if len(state["cache"]) != len(tensors) or state["history"].shape != self.history.shape:
+            raise ValueError("engine state is for another model, window or number of sessions")
+        for dst, src in zip(tensors, state["cache"], strict=True):
+            dst.copy_(src)
+        self.history.copy_(state["history"])
+        self.prompts = {k: v.to(self.model.device, self.model.dtype) for k, v in state["prompts"].items()}
+        self.scheduler = pickle.loads(state["scheduler"])  # our own checkpoint, never a download
+        self._restoring = {}
+
+    def _execute(self, out: SchedulerOutput, exit_step: int | None = None) -> dict[str, Tensor]:
         # 1. Slot bookkeeping: compaction moves, freed sessions, new sessions' prompt context.
         for move in out.moves:
             self.cache.move_row(move.src, move.dst)
@@ -198,7 +237,7 @@ class Engine:
         # 3. One block for every running session, batched over slots 0..k-1.
         if not out.blocks:
             return {}
-        return self._generate_blocks(out.blocks)
+        return self._generate_blocks(out.blocks, exit_step)
 
     def _recache(self, work: RecacheWork) -> None:
         self.cache.set_context(work.slot, self.model.encode_context(self.prompts[work.session_id]))
@@ -229,7 +268,7 @@ class Engine:
         rope, cache = self._pass_inputs([plan], rows)
         self.model(latents, timestep, self.cache.context(rows), rope, cache)
 
-    def _generate_blocks(self, blocks: list[BlockWork]) -> dict[str, Tensor]:
+    def _generate_blocks(self, blocks: list[BlockWork], exit_step: int | None = None) -> dict[str, Tensor]:
         assert [w.slot for w in blocks] == list(range(len(blocks))), "running slots must be 0..k-1"
         rows = slice(0, len(blocks))
         block_frames = self.config.block_frames
@@ -248,21 +287,31 @@ class Engine:
         rope, cache = self._pass_inputs([w.plan for w in blocks], rows)
         context = self.cache.context(rows)
         timestep = torch.empty(len(blocks), block_frames, device=device)
-        # 1. Few-step denoising; every pass writes the block's current K/V into its slots.
+        # 1. Few-step denoising; every pass writes the block's current K/V into its slots. Training stops
+        #    at exit_step and runs that pass with autograd (out of place: the commit pass writes the cache).
+        last = len(self.sampler) - 1 if exit_step is None else exit_step
         x = noise[0]
-        for i, (t, sigma) in enumerate(zip(self.sampler.timesteps, self.sampler.sigmas, strict=True)):
-            flow = self.model(x, timestep.fill_(t), context, rope, cache)
-            x0 = self.sampler.predict_x0(x, flow, sigma)
-            if i + 1 < len(self.sampler):
+        for i in range(last + 1):
+            t, sigma = self.sampler.timesteps[i], self.sampler.sigmas[i]
+            if i == exit_step:
+                with torch.enable_grad():
+                    step_cache = cache.for_autograd(snapshot=self.model.gradient_checkpointing)
+                    flow = self.model(x, torch.full_like(timestep, t), context, rope, step_cache)
+                    x0 = self.sampler.predict_x0(x, flow, sigma)
+            else:
+                flow = self.model(x, timestep.fill_(t), context, rope, cache)
+                x0 = self.sampler.predict_x0(x, flow, sigma)
+            if i < last:
                 x = self.sampler.renoise(x0, noise[i + 1], self.sampler.sigmas[i + 1])
         # 2. Commit pass: the clean block at t=0 writes its final KV.
-        self.model(x0, timestep.fill_(0.0), context, rope, cache)
+        self.model(x0.detach(), timestep.fill_(0.0), context, rope, cache)
         # 3. Keep the clean latents for a later recache.
         window = self.config.window_frames
         ring = to_device([[f % window for f in w.plan.query_frames] for w in blocks], device)  # [b, F]
         rows_index = torch.arange(len(blocks), device=device)[:, None]
-        self.history[rows_index, ring] = x0.transpose(1, 2)
-        return {w.session_id: x0[i] for i, w in enumerate(blocks)}
+        self.history[rows_index, ring] = x0.detach().transpose(1, 2)
+        with torch.set_grad_enabled(exit_step is not None):  # a view made under no_grad loses the graph
+            return {w.session_id: x0[i] for i, w in enumerate(blocks)}
 
     def _pass_inputs(self, plans: list[PassPlan], rows: slice) -> tuple[RopeTables, SelfAttentionCache]:
         """Query RoPE tables and the cache view (write index, key mask, key RoPE) for a batch of plans."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -17,7 +18,7 @@ from .random_models import random_full_size, tiny_random
 from .schedule import PromptChange, blocks_for_seconds, switch_block, validate_schedule, video_frames
 from .session import GenerationSession
 from .text_encoder import TextEncoder
-from .weights import ModelFiles, load_transformer, resolve_model_files
+from .weights import ModelFiles, load_transformer, merge_lora_file, resolve_model_files
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +227,11 @@ class LongLivePipeline:
             default_size,
             runtime,
         )
+
+    def load_lora_weights(self, path: str | Path) -> int:
+        """Merge a LoRA (`lora.pt`, LongLive's format: a released one or one `longlive_core.training`
+        saved) into the DiT; returns the layers merged."""
+        return merge_lora_file(self.transformer, Path(path))
 
     # -- requests ----------------------------------------------------------------------------------
     def check_size(self, size: tuple[int, int] | None) -> tuple[int, int]:

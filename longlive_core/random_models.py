@@ -32,12 +32,12 @@ def random_full_size(
     return transformer, random_umt5_xxl(device, dtype), _random_decoder(decoder, "full")
 
 
-def random_transformer(preset: str, device: torch.device | str) -> CausalWanTransformer:
+def random_transformer(preset: str, device: torch.device | str, seed: int = 0) -> CausalWanTransformer:
     """The DiT of `preset` with the values init_random_weights draws (matrices ~ U(+-1/sqrt(fan_in)),
     non-zero modulations and biases), drawn on `device` (float32)."""
     with torch.device(device):
         model = CausalWanTransformer(ModelConfig.from_name(preset))
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2 and "modulation" not in name:

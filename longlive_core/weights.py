@@ -253,6 +253,14 @@ def load_transformer(
         )
     model = model.to(device=device, dtype=torch.float32)
     if files.lora is not None:
-        lora = torch.load(str(files.lora), map_location="cpu", weights_only=True)
-        merge_lora(model, lora.get("generator_lora", lora), alpha=lora_alpha)
+        merge_lora_file(model, files.lora, lora_alpha)
     return model.to(dtype).eval()
+
+
+def merge_lora_file(model: CausalWanTransformer, path: Path, alpha: float = LORA_ALPHA) -> int:
+    """Merge a `lora.pt` (LongLive's {"generator_lora": peft keys}; ours also records its alpha) into the
+    model; returns the layers merged."""
+    if not Path(path).is_file():
+        raise MissingWeightsError(f"no LoRA file at {path}")
+    lora = torch.load(str(path), map_location="cpu", weights_only=True)
+    return merge_lora(model, lora.get("generator_lora", lora), alpha=float(lora.get("lora_alpha", alpha)))

@@ -11,10 +11,11 @@ One self-contained file: RoPE, norms, attention, the transformer block and the m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..config import ModelConfig
@@ -44,6 +45,18 @@ class SelfAttentionCache:
     key_len: int  # attend to the first key_len cached tokens (a view: the cache fills slots in order)
     key_mask: Tensor | None  # bool [b, 1, 1 or query_tokens, key_len]; None: all key_len tokens visible
     key_rope: RopeTables | None  # relative mode: tables for the cached keys (stored un-rotated); else None
+    # False (training): the pass's K/V replace their slots in a copy, so autograd reaches them and no
+    # tensor saved for backward is ever written over (the commit pass writes the cache later).
+    in_place: bool = True
+
+    def for_autograd(self, snapshot: bool) -> SelfAttentionCache:
+        """This view for a pass that runs with autograd: out of place; with `snapshot`, over a copy of the
+        cache (a checkpointed block recomputes in backward and must read what the forward read, not what
+        later blocks wrote)."""
+        if not snapshot:
+            return replace(self, in_place=False)
+        keys, values = [k.clone() for k in self.keys], [v.clone() for v in self.values]
+        return replace(self, keys=keys, values=values, in_place=False)
 
 
 def sinusoidal_embedding(dim: int, timesteps: Tensor) -> Tensor:
@@ -149,9 +162,13 @@ class SelfAttention(nn.Module):
             #    Absolute mode stores keys rotated; relative mode stores them raw and rotates on read.
             if plan.key_rope is None:
                 k = apply_rope(k, rope)
-            cache_keys.view(-1, *k.shape[2:]).index_copy_(0, plan.write_index, k.flatten(0, 1))
-            cache_values.view(-1, *v.shape[2:]).index_copy_(0, plan.write_index, v.flatten(0, 1))
-            k, v = cache_keys[:, : plan.key_len], cache_values[:, : plan.key_len]
+            if plan.in_place:
+                cache_keys.view(-1, *k.shape[2:]).index_copy_(0, plan.write_index, k.flatten(0, 1))
+                cache_values.view(-1, *v.shape[2:]).index_copy_(0, plan.write_index, v.flatten(0, 1))
+                k, v = cache_keys[:, : plan.key_len], cache_values[:, : plan.key_len]
+            else:
+                k = _with_rows(cache_keys, plan.write_index, k)[:, : plan.key_len]
+                v = _with_rows(cache_values, plan.write_index, v)[:, : plan.key_len]
             if plan.key_rope is not None:
                 k = apply_rope(k, plan.key_rope)
             mask = plan.key_mask
@@ -160,6 +177,12 @@ class SelfAttention(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
         )
         return self.o(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def _with_rows(cache: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+    """A copy of cache [b, n, H, D] whose flat token rows `index` hold rows [b, s, H, D] (autograd-safe)."""
+    flat = cache.reshape(-1, *cache.shape[2:]).index_copy(0, index, rows.flatten(0, 1).to(cache.dtype))
+    return flat.view(cache.shape)
 
 
 class CrossAttention(nn.Module):
@@ -262,6 +285,7 @@ class CausalWanTransformer(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList([CausalWanBlock(config) for _ in range(config.num_layers)])
         self.head = Head(config)
+        self.gradient_checkpointing = False  # training: recompute each block's activations in backward
 
     @property
     def dtype(self) -> torch.dtype:
@@ -320,7 +344,11 @@ class CausalWanTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             cache_k = cache.keys[i] if cache is not None else None
             cache_v = cache.values[i] if cache is not None else None
-            x = block(x, e0, rope, context.keys[i], context.values[i], cache_k, cache_v, cache)
+            args = (x, e0, rope, context.keys[i], context.values[i], cache_k, cache_v, cache)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
 
         # 4. Head and unpatchify: [b, f, h*w, pt*ph*pw*C] -> [b, C, f*pt, H, W].
         out = self.head(x, e).float()
