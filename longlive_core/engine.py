@@ -296,7 +296,10 @@ class Engine:
             if i == exit_step:
                 with torch.enable_grad():
                     step_cache = cache.for_autograd(snapshot=self.model.gradient_checkpointing)
-                    flow = self.model(x, torch.full_like(timestep, t), context, rope, step_cache)
+                    # The prompt's K/V again, with their graph (the cached ones were made without).
+                    prompts = torch.cat([self.prompts[w.session_id] for w in blocks])
+                    step_context = self.model.encode_context(prompts)
+                    flow = self.model(x, torch.full_like(timestep, t), step_context, rope, step_cache)
                     x0 = self.sampler.predict_x0(x, flow, sigma)
             else:
                 flow = self.model(x, timestep.fill_(t), context, rope, cache)

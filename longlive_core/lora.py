@@ -63,14 +63,24 @@ class LoRALinear(nn.Module):
 
     The update runs in the LoRA weights' dtype (float32 master weights beside a bf16 base)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         kw = dict(bias=False, device=base.weight.device, dtype=dtype)
         self.lora_A = nn.Linear(base.in_features, rank, **kw)
         self.lora_B = nn.Linear(rank, base.out_features, **kw)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        a = torch.empty(self.lora_A.weight.shape)  # drawn on the CPU: the same on every device and worker
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
         nn.init.zeros_(self.lora_B.weight)
 
     @property
@@ -82,9 +92,9 @@ class LoRALinear(nn.Module):
         return self.base(x) + update.to(x.dtype)
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float) -> list[str]:
+def add_lora(model: nn.Module, rank: int, alpha: float, seed: int = 0) -> list[str]:
     """Freeze `model` and wrap every Linear inside its transformer blocks in a LoRALinear (LongLive's
-    targets); returns the wrapped module paths."""
+    targets), A drawn from `seed` (data-parallel workers must start alike); returns the wrapped paths."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if alpha <= 0:
@@ -95,10 +105,11 @@ def add_lora(model: nn.Module, rank: int, alpha: float) -> list[str]:
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.startswith("blocks.") and ".lora_" not in name
     ]
+    generator = torch.Generator().manual_seed(seed)
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, generator))
     return targets
 
 

@@ -70,8 +70,8 @@ class DMDTrainer:
         self.teacher = teacher.requires_grad_(False).eval()
         self.student = student
         self.critic = critic if critic is not None else critic_from(teacher)
-        for model in (self.student, self.critic):
-            add_lora(model, config.lora_rank, config.lora_alpha)
+        for index, model in enumerate((self.student, self.critic)):
+            add_lora(model, config.lora_rank, config.lora_alpha, seed=noise_seed(config.seed, -1, index))
             model.gradient_checkpointing = config.gradient_checkpointing
         # 2. The rollout engine: one cache row per sequence of the batch.
         width, height = check_size(config.size, VAE_STRIDE * student.config.patch_size[1])
