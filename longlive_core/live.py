@@ -271,7 +271,9 @@ class LiveHost:
             elif entry.block > block:
                 session.replay[entry.block] = index  # made again at the same block
                 entry.block, entry.applied_at = None, None
-        next_block = max([block, *(b + 1 for b in session.replay)])
+        # After every block a switch is made at (again): a prompt applied at the resume block keeps it.
+        taken = [*session.replay, *(e.block for e in timeline if e.block == block)]
+        next_block = max(taken) + 1 if taken else block
         for offset, index in enumerate(pending):
             session.replay[next_block + offset] = index
         with self._lock:

@@ -211,3 +211,11 @@ def test_a_restored_session_resumes_where_the_viewer_is_with_its_prompts(pipe):
     run_until(c, "s", 11, {}, read_upto=11)
     timeline = [(p["prompt"], p["block"]) for p in c.status("s")["prompts"]]
     assert timeline[-2:] == [("late prompt", 9), ("posted while A was gone", 10)]
+
+    # Resumed at block 8, where A switched to SEA: SEA keeps its block (the restore's recache is that
+    # switch), the others follow it, one block each (none supersedes SEA before a block was made of it).
+    d = host()
+    assert d.restore(moved, from_frame=9 + 7 * 12, recovered=recovered) == 8
+    run_until(d, "s", 11, {}, read_upto=11)
+    timeline = [(p["prompt"], p["block"]) for p in d.status("s")["prompts"]]
+    assert timeline[-3:] == [(SEA, 8), ("late prompt", 9), ("posted while A was gone", 10)]

@@ -52,8 +52,15 @@ def test_metrics_admin_endpoint_and_status_after_a_short_session(service, capsys
             if i == 3:
                 # 2. While it runs: the admin view lists it on its replica; jobs queue up behind the
                 # workers (one job per replica at a time), then are cancelled.
-                admin = httpx.get(f"{base}/v1/admin/replicas", timeout=10).json()
-                (replica,) = [r for r in admin["replicas"] if sid in r["sessions"]]
+                # (Replicas publish what they hold every second: the view may lag the session's start.)
+                deadline = time.monotonic() + 10
+                while True:
+                    admin = httpx.get(f"{base}/v1/admin/replicas", timeout=10).json()
+                    holding = [r for r in admin["replicas"] if sid in r["sessions"]]
+                    if holding or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+                (replica,) = holding
                 assert replica["replica"] == session["replica"] and replica["capacity"] >= 1
                 assert cli(["status", "--url", base]) == 0
                 assert sid in capsys.readouterr().out
