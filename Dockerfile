@@ -18,5 +18,6 @@ COPY --chown=ray:users jobs ./jobs
 COPY --chown=ray:users serve_config.yaml ./
 
 # PyPI's Linux torch wheel carries CUDA. Ray stays the base image's: pinned so pip cannot move it.
-RUN pip install "torch==${TORCH_VERSION}" "ray[serve]==2.60.0" ".[serve]"
+# The train extra: the same image runs the training job (jobs/train.py) on the cluster.
+RUN pip install "torch==${TORCH_VERSION}" "ray[serve,train]==2.60.0" ".[serve,train]"
 # serveConfigV2's import_path deployments.app:build_app resolves to the installed package.

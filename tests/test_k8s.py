@@ -179,13 +179,14 @@ def test_weights_come_from_an_init_container_not_the_image(service):
 
 def test_dockerfile_ray_matches_pyproject_and_the_manifests(service):
     ray_version, python_tag = dockerfile_base()
-    serve_reqs = [Requirement(r) for r in pyproject()["project"]["optional-dependencies"]["serve"]]
-    (ray_req,) = [r for r in serve_reqs if r.name == "ray"]
-    assert Version(ray_version) in ray_req.specifier, f"base image Ray {ray_version} vs {ray_req}"
-    assert "serve" in ray_req.extras
+    extras = pyproject()["project"]["optional-dependencies"]
+    for extra in ("serve", "train"):  # the image serves and runs the training job
+        (ray_req,) = [r for r in map(Requirement, extras[extra]) if r.name == "ray"]
+        assert Version(ray_version) in ray_req.specifier, f"base image Ray {ray_version} vs {ray_req}"
+        assert extra in ray_req.extras
     text = (ROOT / "Dockerfile").read_text()
-    assert f'"ray[serve]=={ray_version}"' in text, "pip must keep the base image's Ray"
-    assert '".[serve]"' in text
+    assert f'"ray[serve,train]=={ray_version}"' in text, "pip must keep the base image's Ray"
+    assert '".[serve,train]"' in text
     python = f"{python_tag[2]}.{python_tag[3:]}"
     assert Version(python) in SpecifierSet(pyproject()["project"]["requires-python"])
     # The manifests run the image this Dockerfile builds: tag = version, Ray, Python.

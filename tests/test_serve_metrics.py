@@ -41,7 +41,8 @@ def test_metrics_admin_endpoint_and_status_after_a_short_session(service, capsys
             seen[name] = max(seen.get(name, 0.0), value)
 
     # 1. A session: its first block, a prompt switch, blocks under the new prompt.
-    session = created(base, max_seconds=24)  # 6 s at the test's 4x playback
+    # 60 s of video, 15 s at the test's 4x playback: alive across more than one metrics export (~10 s).
+    session = created(base, max_seconds=60)
     sid = session["session_id"]
     with httpx.stream("GET", session["stream_url"], headers=auth(session["token"]), timeout=60) as response:
         for i, _ in enumerate(response.iter_raw()):
