@@ -26,3 +26,18 @@ def padded_prompt(seed: int, text_len: int = 128, tokens: int = 64, dim: int = 3
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+# A tiny training run (longlive_core.training): CPU-fast (~0.05 s a step), every step a generator step.
+TINY_TRAINING = dict(
+    student="tiny-random",
+    teacher="tiny-random",
+    size=[48, 32],
+    step_blocks=2,
+    lora_rank=4,
+    lora_alpha=4.0,
+    generator_every=1,
+    lr=1e-3,
+    critic_lr=1e-3,
+    gradient_checkpointing=False,
+)

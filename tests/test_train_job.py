@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from jobs.train import CRASH_AT_STEP, CRASH_MARKER, build_config, load_config, main, run
+from tests.helpers import TINY_TRAINING
 
 PROMPTS = ["a red robot in a rainy city", "the robot walks into a forest", "a cat on a sofa", "waves at dusk"]
 STEPS, EVERY = 6, 2
@@ -21,18 +22,9 @@ STEPS, EVERY = 6, 2
 # 2 and 6 are in the middle of a sequence (each rank's live rollout saved) and that of step 4 is at its end.
 TINY = dict(
     preset="streaming-long-tuning",
-    student="tiny-random",
-    teacher="tiny-random",
-    size=[48, 32],
+    **TINY_TRAINING,
     batch_size=1,
-    step_blocks=2,
     sequence_frames=24,
-    lora_rank=4,
-    lora_alpha=4.0,
-    generator_every=1,
-    lr=1e-3,
-    critic_lr=1e-3,
-    gradient_checkpointing=False,
     steps=STEPS,
     checkpoint_every=EVERY,
 )

@@ -9,45 +9,27 @@ import numpy as np
 import pytest
 import torch
 
-from longlive_core.config import GenerationConfig, ModelConfig
+from longlive_core.config import GenerationConfig
 from longlive_core.engine import Engine
 from longlive_core.lora import LoRALinear, add_lora, lora_state_dict, merge_lora, parse_lora_state_dict
 from longlive_core.models.transformer_causal_wan import (
     CausalWanTransformer,
     SelfAttentionCache,
-    init_random_weights,
 )
 from longlive_core.pipeline import LongLivePipeline
 from longlive_core.training import DMDTrainer, TrainingConfig
 from longlive_core.training.dmd import NoiseLevel, ScoreContexts, dmd_loss
 from longlive_core.training.models import critic_from
+from tests.helpers import TINY_TRAINING, tiny_model
 
 PROMPTS = ["a red robot in a rainy city", "the robot walks into a forest", "a boat on a calm sea"]
 LATENT = (4, 6)  # 32x48 video
 
 
-def tiny(seed: int) -> CausalWanTransformer:
-    return init_random_weights(CausalWanTransformer(ModelConfig.from_name("tiny")), seed=seed)
-
-
 def tiny_config(tmp_path, **changes) -> TrainingConfig:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    base = dict(
-        student="tiny-random",
-        teacher="tiny-random",
-        prompts=str(prompts),
-        size=(48, 32),
-        batch_size=2,
-        step_blocks=2,
-        sequence_frames=18,  # 6 blocks: 3 steps a sequence
-        lora_rank=4,
-        lora_alpha=4.0,
-        generator_every=1,
-        lr=1e-3,
-        critic_lr=1e-3,
-        gradient_checkpointing=False,
-    )
+    base = dict(TINY_TRAINING, prompts=str(prompts), batch_size=2, sequence_frames=18)  # 3 steps a sequence
     return TrainingConfig.from_name("streaming-long-tuning", **{**base, **changes})
 
 
@@ -69,7 +51,7 @@ def lora_weights(model: CausalWanTransformer) -> dict[str, torch.Tensor]:
 
 # -- LoRA -----------------------------------------------------------------------------------------------
 def test_lora_starts_at_the_base_model_and_merges_to_what_it_computes():
-    model, base = tiny(0), tiny(0)
+    model, base = tiny_model(0), tiny_model(0)
     targets = add_lora(model, rank=4, alpha=8.0)
     assert len(targets) == 2 * 10  # q, k, v, o of both attentions and the two FFN linears, per block
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n)
@@ -84,7 +66,7 @@ def test_lora_starts_at_the_base_model_and_merges_to_what_it_computes():
     state = lora_state_dict(model)
     assert all(k.startswith("base_model.model.blocks.") for k in state)  # peft's keys, as LongLive's lora.pt
     assert len(parse_lora_state_dict(state)) == len(targets)
-    merged = tiny(0)
+    merged = tiny_model(0)
     merge_lora(merged, state, alpha=8.0)
     with torch.no_grad():
         got = merged(x, t, merged.encode_context(embeds(base, 0)[None]))
@@ -104,7 +86,7 @@ def test_a_training_rollout_is_inference_with_the_step_list_cut_at_the_exit_step
     """Self-Forcing's rollout: block by block through the KV cache, each block stopped at the exit step
     (autograd there) = inference with the first exit_step + 1 steps, through 6 blocks (the window slides)
     and a prompt switch (KV-recache)."""
-    model = tiny(0)
+    model = tiny_model(0)
     model.gradient_checkpointing = checkpointing
     training, truncated = engine(model), engine(model, steps=(1000.0, 750.0))
     for block in range(6):
@@ -126,7 +108,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_over_a_sliding_window(m
     recomputing over the live cache (the control) cannot."""
 
     def gradients(checkpointing: bool) -> torch.Tensor:
-        model = tiny(0)
+        model = tiny_model(0)
         add_lora(model, rank=4, alpha=4.0)
         randomize_lora(model, seed=2)
         model.gradient_checkpointing = checkpointing
@@ -159,13 +141,13 @@ def score_contexts(teacher, critic, prompt_seed: int = 0) -> ScoreContexts:
     [("teacher", 1.0, True), ("teacher", 3.0, False), ("trained", 1.0, False), ("other", 1.0, False)],
 )
 def test_the_dmd_gradient_vanishes_exactly_when_the_critic_equals_the_teacher(critic_kind, guidance, zero):
-    teacher = tiny(1)
+    teacher = tiny_model(1)
     critic = critic_from(teacher)
     add_lora(critic, rank=4, alpha=4.0)  # B = 0: still the teacher
     if critic_kind == "trained":
         randomize_lora(critic, seed=3)
     elif critic_kind == "other":
-        critic = tiny(2)
+        critic = tiny_model(2)
     x0 = torch.randn(1, 16, 6, *LATENT, requires_grad=True)
     level = NoiseLevel.sample(1, 20, 980, 5.0, torch.Generator().manual_seed(0), "cpu")
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
