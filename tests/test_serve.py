@@ -44,7 +44,7 @@ def test_a_30_s_session_streams_every_frame(service):
 
 def test_served_frames_equal_the_pipeline_with_the_same_prompt_events(service):
     base = service["base"]
-    session = created(base, seed=7, max_seconds=4)
+    session = created(base, seed=7, max_seconds=6)  # 9 blocks
     chunks = []
     with httpx.stream("GET", session["stream_url"], headers=auth(session["token"]), timeout=60) as response:
         for chunk in response.iter_raw():
@@ -61,7 +61,9 @@ def test_served_frames_equal_the_pipeline_with_the_same_prompt_events(service):
     timeline = status(base, session)["prompts"]
     assert [p["prompt"] for p in timeline] == [RED, FOREST]
     switch_block = timeline[1]["block"]
-    assert 1 <= switch_block <= 4  # within about a block or two of the post (pacing keeps the lead short)
+    # Pacing keeps the lead short: at the first chunk the host is up to 3 blocks ahead (1.5 s of lead), and
+    # the post's trip (ingress, Redis, the replica's Redis thread) takes a block or two at 4x playback.
+    assert 1 <= switch_block <= 6
 
     pipe = LongLivePipeline.from_pretrained("tiny-random", device="cpu")
 
@@ -73,7 +75,7 @@ def test_served_frames_equal_the_pipeline_with_the_same_prompt_events(service):
             data += encoder.encode_block(frames)
             if switch and block + 1 == switch_block:
                 stream.set_prompt(FOREST)
-            if block + 1 == 6:  # 4 s -> 6 blocks
+            if block + 1 == 9:  # 6 s -> 9 blocks
                 return decode(data)
         raise AssertionError("unreachable")
 
