@@ -259,9 +259,7 @@ class LiveHost:
         now = self.clock()
         timeline = [replace(e) for e in cp.timeline]
         timeline += [TimelineEntry(prompt, now, event_id=event_id) for prompt, event_id in recovered]
-        session = LiveSession(
-            cp.session_id, cp.seed, cp.num_blocks, timeline, deque(), last_read=self.clock()
-        )
+        session = LiveSession(cp.session_id, cp.seed, cp.num_blocks, timeline, deque(), last_read=now)
         session.blocks_done, session.read_blocks = block, block
         session.frames_done = video_frames(block * self.config.block_frames) if block else 0
         pending = []

@@ -83,10 +83,6 @@ class LoRALinear(nn.Module):
             self.lora_A.weight.copy_(a)
         nn.init.zeros_(self.lora_B.weight)
 
-    @property
-    def weight(self) -> Tensor:  # callers read a Linear's weight for its dtype and device
-        return self.base.weight
-
     def forward(self, x: Tensor) -> Tensor:
         update = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scale
         return self.base(x) + update.to(x.dtype)

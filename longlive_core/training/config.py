@@ -27,8 +27,7 @@ class TrainingConfig:
     student: str = "longlive-1.3b"
     teacher: str = "wan2.1-t2v-1.3b"  # LongLive's teacher is Wan2.1-T2V-14B; any Wan2.1 T2V DiT fits
     critic: str | None = None  # the fake score model's start; None: a copy of the teacher (DMD's init)
-    student_seed: int = 0  # random weights of built-in models (tiny-random, random-1.3b)
-    teacher_seed: int = 1
+    teacher_seed: int = 1  # random weights of a built-in teacher (tiny-random, random-1.3b)
     # Data: a prompt file (.txt one prompt a line; .jsonl {"prompts": [...]} stories give switch pairs).
     prompts: str = "../shared/examples/longlive_interactive_prompts.jsonl"
     negative_prompt: str = WAN_NEGATIVE_PROMPT  # the teacher's unconditional branch (CFG)
@@ -76,14 +75,6 @@ class TrainingConfig:
             raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
         if self.lora_alpha <= 0 or self.lr <= 0 or self.critic_lr <= 0 or self.timestep_shift <= 0:
             raise ValueError("lora_alpha, lr, critic_lr and timestep_shift must be > 0")
-
-    def step_frames(self, block_frames: int) -> int:
-        return self.step_blocks * block_frames
-
-    def steps_per_sequence(self, block_frames: int) -> int:
-        """Steps one sequence lasts (the last one may be cut at sequence_frames)."""
-        frames = self.step_frames(block_frames)
-        return max(1, -(-self.sequence_frames // frames))
 
     @classmethod
     def from_name(cls, name: str, **changes: Any) -> TrainingConfig:

@@ -90,7 +90,6 @@ class DMDTrainer:
         self.critic_optimizer = torch.optim.AdamW(self.critic_params, lr=config.critic_lr, **adam)
         self.step = 0
         self.rows: list[Row] = []
-        self.switch_at: int | None = None  # step of the sequence whose blocks get the second prompt
 
     @classmethod
     def from_config(
@@ -122,10 +121,11 @@ class DMDTrainer:
         started = time.perf_counter()
         cfg, step = self.config, self.step
         sequence, position = divmod(step, self.steps_per_sequence)
-        if position == 0 or not self.rows:
+        if position == 0:
             self._begin_sequence(sequence)
-        switched = self.switch_at is not None and position >= self.switch_at
-        if position == self.switch_at:
+        switch_at = self._switch_step(sequence)
+        switched = switch_at is not None and position >= switch_at
+        if position == switch_at:
             for row in self.rows:
                 self.engine.set_prompt(row.session_id, self.text_encoder.encode(row.prompts[1]))
         shared = torch.Generator().manual_seed(noise_seed(cfg.seed, step, -1))  # the same on every worker
@@ -178,13 +178,12 @@ class DMDTrainer:
         return metrics
 
     def _begin_sequence(self, sequence: int) -> None:
-        """Fresh sequences for the batch: prompts and the switch step drawn from (seed, sequence)."""
+        """Fresh sequences for the batch: prompts drawn from (seed, sequence)."""
         for row in self.rows:
             self.engine.remove_session(row.session_id)
         self.rows = self._rows(sequence)
         for row in self.rows:
             self.engine.add_session(row.session_id, self.text_encoder.encode(row.prompts[0]), seed=row.seed)
-        self.switch_at = self._switch_step(sequence)
 
     def _switch_step(self, sequence: int) -> int | None:
         """The step of the sequence from which its blocks get the second prompt (None: no switch)."""
@@ -275,7 +274,6 @@ class DMDTrainer:
         if position and rollout.is_file():
             self.engine.load_state_dict(torch.load(rollout, **load))
             self.rows = self._rows(sequence)
-            self.switch_at = self._switch_step(sequence)
         elif position:
             logger.warning(
                 "no rollout of rank %d in %s: sequence %d restarts", self.rank, directory, sequence
