@@ -177,13 +177,17 @@ class DMDTrainer:
             logger.info("step %d: %s", step, {k: round(v, 5) for k, v in metrics.items()})
         return metrics
 
-    def _begin_sequence(self, sequence: int) -> None:
-        """Fresh sequences for the batch: prompts drawn from (seed, sequence)."""
+    def _begin_sequence(self, sequence: int, position: int = 0) -> None:
+        """Fresh sequences for the batch, prompts drawn from (seed, sequence); started at step `position` of
+        the sequence (a restart without its rollout), they take the prompt in effect there."""
         for row in self.rows:
             self.engine.remove_session(row.session_id)
         self.rows = self._rows(sequence)
+        switch_at = self._switch_step(sequence)
+        which = int(switch_at is not None and position > switch_at)  # at switch_at, train_step switches
         for row in self.rows:
-            self.engine.add_session(row.session_id, self.text_encoder.encode(row.prompts[0]), seed=row.seed)
+            embeds = self.text_encoder.encode(row.prompts[which])
+            self.engine.add_session(row.session_id, embeds, seed=row.seed)
 
     def _switch_step(self, sequence: int) -> int | None:
         """The step of the sequence from which its blocks get the second prompt (None: no switch)."""
@@ -278,4 +282,4 @@ class DMDTrainer:
             logger.warning(
                 "no rollout of rank %d in %s: sequence %d restarts", self.rank, directory, sequence
             )
-            self._begin_sequence(sequence)
+            self._begin_sequence(sequence, position)
