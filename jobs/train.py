@@ -36,10 +36,10 @@ from typing import Any
 import yaml
 
 from longlive_core.training import TRAINING_PRESETS, DMDTrainer, TrainingConfig
+from longlive_core.training.trainer import STATE_FILE  # what makes a directory a training checkpoint
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.pt"  # what makes a directory a training checkpoint (DMDTrainer.save)
 LOSSES = ("generator_loss", "critic_loss")
 # Fault injection (the crash-and-resume test, chaos runs): once Ray Train has taken in the report of step
 # CRASH_AT_STEP (so its checkpoints up to there are registered), rank 0 creates the file CRASH_MARKER and
