@@ -28,7 +28,7 @@ from torch import Tensor
 from ..config import GenerationConfig
 from ..engine import Engine, padded_prompt
 from ..lora import add_lora, load_lora_state_dict, lora_state_dict
-from ..models.transformer_causal_wan import CausalWanTransformer
+from ..models.transformer_causal_wan import CausalWanTransformer, ContextKV
 from ..noise import noise_seed
 from ..pipeline import VAE_STRIDE, check_size
 from ..text_encoder import TextEncoder
@@ -141,13 +141,15 @@ class DMDTrainer:
             made.append(torch.stack([out[row.session_id] for row in self.rows]))
         x0 = torch.cat(made, dim=2)  # [b, C, frames, H, W]
         prompts = [row.prompts[1 if switched else 0] for row in self.rows]
-        contexts = self._contexts(prompts)
+        # The critic's view of the prompts, with its graph: its loss trains it, DMD reads it detached.
+        critic_context = self.critic.encode_context(self._padded(self.critic, prompts))
         metrics = {"step": step, "sequence": sequence}
         metrics["frames"] = (position * cfg.step_blocks + blocks) * self.block_frames  # of the sequence
         metrics.update(exit_step=exit_step, switched=int(switched))
 
         # 2-3. Generator update from the DMD gradient.
         if generator_step:
+            contexts = self._contexts(prompts, critic_context)
             level = self._noise_level(own)
             noise = torch.randn(x0.shape, generator=own).to(self.device)
             loss, gradient = dmd_loss(
@@ -163,7 +165,6 @@ class DMDTrainer:
         # 2-3. Critic update: denoising on the student's frames.
         level = self._noise_level(own)
         noise = torch.randn(x0.shape, generator=own).to(self.device)
-        critic_context = self.critic.encode_context(self._padded(self.critic, prompts))
         loss = critic_loss(self.critic, x0, critic_context, level, noise)
         self.critic_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -207,13 +208,13 @@ class DMDTrainer:
         return torch.cat([padded_prompt(model, self.text_encoder.encode(p)) for p in prompts])
 
     @torch.no_grad()
-    def _contexts(self, prompts: list[str]) -> ScoreContexts:
+    def _contexts(self, prompts: list[str], critic: ContextKV) -> ScoreContexts:
         teacher = self.teacher.encode_context(self._padded(self.teacher, prompts))
         uncond = self.teacher.encode_context(
             self._padded(self.teacher, [self.config.negative_prompt] * len(prompts))
         )
-        critic = self.critic.encode_context(self._padded(self.critic, prompts))
-        return ScoreContexts(teacher, uncond, critic)
+        detached = ContextKV([k.detach() for k in critic.keys], [v.detach() for v in critic.values])
+        return ScoreContexts(teacher, uncond, detached)
 
     def _noise_level(self, generator: torch.Generator) -> NoiseLevel:
         cfg = self.config
