@@ -49,12 +49,22 @@ def random_transformer(preset: str, device: torch.device | str, seed: int = 0) -
     return model
 
 
-def random_umt5_xxl(device: torch.device | str, dtype: torch.dtype, cache_size: int = 64) -> TextEncoder:
-    """umT5-XXL (5.7B) with random weights drawn on `device`, and a byte tokenizer (no files)."""
+def random_umt5_xxl(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    cache_size: int = 64,
+    seed: int = 0,
+    preset: str = "umt5-xxl",
+) -> TextEncoder:
+    """umT5-XXL (5.7B) with random weights drawn on `device` from `seed` (so every build of it encodes
+    alike: a resumed training run must see the prompts as the saved one did), and a byte tokenizer."""
     from transformers import UMT5EncoderModel
 
-    with torch.device(device):
-        model = UMT5EncoderModel(TextEncoderConfig.from_name("umt5-xxl").to_umt5()).to(dtype)
+    device = torch.device(device)
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), torch.device(device):
+        torch.manual_seed(seed)  # transformers' init draws from the global generators
+        model = UMT5EncoderModel(TextEncoderConfig.from_name(preset).to_umt5()).to(dtype)
     text_len = ModelConfig.from_name("wan2.1-t2v-1.3b").text_len
     return TextEncoder(model, tiny_tokenizer(text_len), text_len=text_len, cache_size=cache_size)
 

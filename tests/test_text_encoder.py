@@ -104,6 +104,19 @@ def test_tiny_is_deterministic_and_seeded():
     torch.testing.assert_close(a.encode("a cat")[0, :4], expected, atol=1e-4, rtol=0)
 
 
+def test_random_full_size_encoder_is_seeded():
+    """`random-1.3b`'s umT5 (here its tiny preset): each build encodes alike, as a resumed training run
+    needs, and the caller's random state is left as it was."""
+    from longlive_core.random_models import random_umt5_xxl
+
+    before = torch.random.get_rng_state()
+    a, b = (random_umt5_xxl("cpu", torch.float32, preset="tiny") for _ in range(2))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(a.encode("a red cat"), b.encode("a red cat"))
+    other = random_umt5_xxl("cpu", torch.float32, seed=1, preset="tiny")
+    assert rel_err(other.encode("a red cat"), a.encode("a red cat")) > 0.1
+
+
 def test_different_prompts_differ():
     enc = TextEncoder.tiny_random()
     red, big = enc.encode("a red cat"), enc.encode("a big cat")

@@ -178,8 +178,8 @@ def test_stage_1_and_stage_2_train_with_finite_losses_and_moving_lora(tmp_path):
             assert all(torch.count_nonzero(v) == 0 for k, v in start.items() if ".lora_B." in k)
     assert [m["sequence"] for m in runs] == [0, 0, 0, 1]  # stage 2 continues a sequence for 3 steps
     assert [m["frames"] for m in runs] == [6, 12, 18, 6]
-    assert stage2._switch_step(0) is not None and [m["switched"] for m in runs[:3]] == [
-        int(p >= stage2._switch_step(0)) for p in range(3)
+    assert stage2.switch_step(0) is not None and [m["switched"] for m in runs[:3]] == [
+        int(p >= stage2.switch_step(0)) for p in range(3)
     ]
     assert sum(m["switched"] for m in runs[:3]) >= 1  # one switch (KV-recache) in the sequence
 

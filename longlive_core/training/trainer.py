@@ -123,7 +123,7 @@ class DMDTrainer:
         sequence, position = divmod(step, self.steps_per_sequence)
         if position == 0:
             self._begin_sequence(sequence)
-        switch_at = self._switch_step(sequence)
+        switch_at = self.switch_step(sequence)
         switched = switch_at is not None and position >= switch_at
         if position == switch_at:
             for row in self.rows:
@@ -184,13 +184,13 @@ class DMDTrainer:
         for row in self.rows:
             self.engine.remove_session(row.session_id)
         self.rows = self._rows(sequence)
-        switch_at = self._switch_step(sequence)
+        switch_at = self.switch_step(sequence)
         which = int(switch_at is not None and position > switch_at)  # at switch_at, train_step switches
         for row in self.rows:
             embeds = self.text_encoder.encode(row.prompts[which])
             self.engine.add_session(row.session_id, embeds, seed=row.seed)
 
-    def _switch_step(self, sequence: int) -> int | None:
+    def switch_step(self, sequence: int) -> int | None:
         """The step of the sequence from which its blocks get the second prompt (None: no switch)."""
         if not self.config.prompt_switch or self.steps_per_sequence < 2:
             return None
