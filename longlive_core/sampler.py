@@ -34,11 +34,12 @@ class FlowMatchSampler:
         return len(self.timesteps)
 
     @staticmethod
-    def predict_x0(x_t: Tensor, flow: Tensor, sigma: float) -> Tensor:
-        """Flow prediction v = noise - x0, so x0 = x_t - sigma * v (in float32)."""
+    def predict_x0(x_t: Tensor, flow: Tensor, sigma: float | Tensor) -> Tensor:
+        """Flow prediction v = noise - x0, so x0 = x_t - sigma * v (in float32); sigma a number or a
+        tensor that broadcasts (one level per sequence)."""
         return x_t.float() - sigma * flow.float()
 
     @staticmethod
-    def renoise(x0: Tensor, noise: Tensor, sigma: float) -> Tensor:
+    def renoise(x0: Tensor, noise: Tensor, sigma: float | Tensor) -> Tensor:
         """x_sigma = (1 - sigma) * x0 + sigma * noise."""
         return (1.0 - sigma) * x0 + sigma * noise

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.transformer_causal_wan import CausalWanTransformer, ContextKV
-from ..sampler import shifted_sigma
+from ..sampler import FlowMatchSampler, shifted_sigma
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class NoiseLevel:
         return cls(timestep=(sigma * 1000.0).to(device), sigma=sigma.view(-1, 1, 1, 1, 1).to(device))
 
     def add_noise(self, x0: Tensor, noise: Tensor) -> Tensor:
-        return (1 - self.sigma) * x0 + self.sigma * noise
+        return FlowMatchSampler.renoise(x0, noise, self.sigma)
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,14 @@ class ScoreContexts:
     critic: ContextKV
 
 
-def predict_x0(model: CausalWanTransformer, x_t: Tensor, level: NoiseLevel, context: ContextKV) -> Tensor:
-    """x0 from a bidirectional pass over all frames of x_t [b, C, f, H, W] (one timestep per frame)."""
+def flow_at(model: CausalWanTransformer, x_t: Tensor, level: NoiseLevel, context: ContextKV) -> Tensor:
+    """The model's flow from a bidirectional pass over all frames of x_t [b, C, f, H, W] at its level."""
     frames = x_t.shape[2] // model.config.patch_size[0]
-    timestep = level.timestep[:, None].expand(-1, frames)
-    flow = model(x_t, timestep, context)
-    return x_t.float() - level.sigma * flow.float()
+    return model(x_t, level.timestep[:, None].expand(-1, frames), context)
+
+
+def predict_x0(model: CausalWanTransformer, x_t: Tensor, level: NoiseLevel, context: ContextKV) -> Tensor:
+    return FlowMatchSampler.predict_x0(x_t, flow_at(model, x_t, level, context), level.sigma)
 
 
 def dmd_loss(
@@ -90,7 +92,5 @@ def critic_loss(
 ) -> Tensor:
     """Flow-matching loss of the critic on the student's (detached) frames: predict v = noise - x0."""
     x0 = x0.detach().float()
-    x_t = level.add_noise(x0, noise)
-    frames = x_t.shape[2] // critic.config.patch_size[0]
-    flow = critic(x_t, level.timestep[:, None].expand(-1, frames), cond)
+    flow = flow_at(critic, level.add_noise(x0, noise), level, cond)
     return F.mse_loss(flow.float(), noise - x0)
