@@ -18,8 +18,17 @@ from .text_encoder import TextEncoder, TextEncoderConfig, tiny_tokenizer
 RANDOM_MODELS = ("tiny-random", "random-1.3b")
 
 
+def random_dit(name: str, device: torch.device | str, seed: int = 0) -> CausalWanTransformer:
+    """The DiT of a built-in model (float32): `tiny-random` drawn on the CPU, `random-1.3b` on `device`."""
+    if name == "tiny-random":
+        return init_random_weights(CausalWanTransformer(ModelConfig.from_name("tiny")), seed=seed)
+    if name == "random-1.3b":
+        return random_transformer("wan2.1-t2v-1.3b", device, seed=seed)
+    raise ValueError(f"{name!r} is not a built-in random model; known: {list(RANDOM_MODELS)}")
+
+
 def tiny_random(decoder: str) -> tuple[CausalWanTransformer, TextEncoder, nn.Module]:
-    transformer = init_random_weights(CausalWanTransformer(ModelConfig.from_name("tiny")), seed=0)
+    transformer = random_dit("tiny-random", "cpu")
     tiny = transformer.config
     text_encoder = TextEncoder.tiny_random(d_model=tiny.text_dim, seed=0, text_len=tiny.text_len)
     return transformer, text_encoder, _random_decoder(decoder, "tiny")
@@ -28,7 +37,7 @@ def tiny_random(decoder: str) -> tuple[CausalWanTransformer, TextEncoder, nn.Mod
 def random_full_size(
     decoder: str, device: torch.device, dtype: torch.dtype
 ) -> tuple[CausalWanTransformer, TextEncoder, nn.Module]:
-    transformer = random_transformer("wan2.1-t2v-1.3b", device)
+    transformer = random_dit("random-1.3b", device)
     return transformer, random_umt5_xxl(device, dtype), _random_decoder(decoder, "full")
 
 

@@ -6,19 +6,16 @@ import copy
 
 import torch
 
-from ..config import ModelConfig
-from ..models.transformer_causal_wan import CausalWanTransformer, init_random_weights
-from ..random_models import random_transformer
+from ..models.transformer_causal_wan import CausalWanTransformer
+from ..random_models import RANDOM_MODELS, random_dit
 from ..weights import load_transformer, resolve_model_files
 
 
 def load_dit(source: str, seed: int, device: torch.device | str, dtype: torch.dtype) -> CausalWanTransformer:
     """A DiT from a built-in name (random weights drawn from `seed`), a model name, a local directory or a
     hub repo id (its LoRA, if any, merged)."""
-    if source == "tiny-random":
-        model = init_random_weights(CausalWanTransformer(ModelConfig.from_name("tiny")), seed=seed)
-    elif source == "random-1.3b":
-        model = random_transformer("wan2.1-t2v-1.3b", device, seed=seed)
+    if source in RANDOM_MODELS:
+        model = random_dit(source, device, seed)
     else:
         model = load_transformer(resolve_model_files(source), device, dtype)
     return model.to(device, dtype)
