@@ -45,10 +45,6 @@ def randomize_lora(model: CausalWanTransformer, seed: int, scale: float = 0.3) -
                 module.lora_B.weight.copy_(torch.randn(module.lora_B.weight.shape, generator=gen) * scale)
 
 
-def lora_weights(model: CausalWanTransformer) -> dict[str, torch.Tensor]:
-    return lora_state_dict(model)
-
-
 # -- LoRA -----------------------------------------------------------------------------------------------
 def test_lora_starts_at_the_base_model_and_merges_to_what_it_computes():
     model, base = tiny_model(0), tiny_model(0)
@@ -167,13 +163,13 @@ def test_stage_1_and_stage_2_train_with_finite_losses_and_moving_lora(tmp_path):
     stage2 = DMDTrainer.from_config(tiny_config(tmp_path), "cpu")
     assert stage1.steps_per_sequence == 1 and stage2.steps_per_sequence == 3
     for trainer in (stage1, stage2):
-        before = lora_weights(trainer.student), lora_weights(trainer.critic)
+        before = lora_state_dict(trainer.student), lora_state_dict(trainer.critic)
         runs = [trainer.train_step() for _ in range(4)]
         for metrics in runs:
             for key in ("generator_loss", "critic_loss", "generator_grad_norm", "critic_grad_norm"):
                 assert math.isfinite(metrics[key]) and metrics[key] > 0, (key, metrics)
         for model, start in zip((trainer.student, trainer.critic), before, strict=True):
-            moved = [k for k, v in lora_weights(model).items() if ".lora_B." in k and v.abs().max() > 0]
+            moved = [k for k, v in lora_state_dict(model).items() if ".lora_B." in k and v.abs().max() > 0]
             assert len(moved) == len([k for k in start if ".lora_B." in k])  # every B left zero
             assert all(torch.count_nonzero(v) == 0 for k, v in start.items() if ".lora_B." in k)
     assert [m["sequence"] for m in runs] == [0, 0, 0, 1]  # stage 2 continues a sequence for 3 steps
@@ -230,7 +226,8 @@ def test_resuming_from_a_checkpoint_makes_the_step_an_uninterrupted_run_makes(tm
         (resumed.student, uninterrupted.student),
         (resumed.critic, uninterrupted.critic),
     ):
-        for (key, a), b in zip(lora_weights(model_a).items(), lora_weights(model_b).values(), strict=True):
+        state_a, state_b = lora_state_dict(model_a), lora_state_dict(model_b)
+        for (key, a), b in zip(state_a.items(), state_b.values(), strict=True):
             assert torch.equal(a, b), key
 
     shutil.rmtree(checkpoint / "rollout")
