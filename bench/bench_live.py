@@ -1,4 +1,4 @@
-"""Live sessions on one LiveHost (the engine a Generator replica wraps), paced to real-time playback.
+"""Live sessions on one StreamingRuntime (what a Generator replica serves), paced to real-time playback.
 
 Measures, server side, what a viewer sees: time from opening a session to its first block of frames,
 prompt-to-pixel latency (post of a new prompt, text encoding included, to the first block made under
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import command_line, emit  # noqa: E402
 from longlive_core import LongLivePipeline  # noqa: E402
 from longlive_core.config import RuntimeConfig  # noqa: E402
-from longlive_core.live import LiveHost  # noqa: E402
+from longlive_core.live import CapacityError, StreamingRuntime  # noqa: E402
 from longlive_core.schedule import FPS, video_frames  # noqa: E402
 
 PREROLL_S = 0.75  # one block of playback buffered before the player starts
@@ -49,27 +49,59 @@ def build_pipe(preset: str, decoder: str, compile: bool) -> LongLivePipeline:
     )
 
 
-def run(host: LiveHost, sessions: int, seconds: float, switch_after: float) -> dict[str, float]:
+def run(
+    host: StreamingRuntime, sessions: int, seconds: float, switch_after: float, stagger: float
+) -> dict | None:
     stop = threading.Event()
     engine = threading.Thread(target=lambda: [host.run_once() for _ in iter(stop.is_set, True)], daemon=True)
     received: dict[str, list[tuple[int, float]]] = {}
-    ids = [f"viewer-{sessions}-{i}" for i in range(sessions)]
+    opened: dict[str, float] = {}
+    ids = [f"viewer-{sessions}-{stagger:g}-{i}" for i in range(sessions)]
+    refused: list[str] = []
 
     def read(sid: str) -> None:
         while (chunk := host.next_chunk(sid, timeout=120)) is not None:
             received[sid].append((chunk.block, time.monotonic()))
 
+    marks: dict[str, dict[str, float]] = {sid: {} for sid in ids}  # first time each phase was seen
+
+    def watch() -> None:
+        while not stop.is_set():
+            now = time.monotonic()
+            for view in host.snapshot():
+                seen = marks.get(view.session_id)
+                if seen is None:
+                    continue
+                for name, reached in (
+                    ("live", view.phase.value != "queued"),
+                    ("launched", view.blocks_made > 0),
+                    ("delivered", view.blocks_done > 0),
+                ):
+                    if reached:
+                        seen.setdefault(name, now)
+            time.sleep(0.002)
+
     engine.start()
-    opened = time.monotonic()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    start = time.monotonic()
     readers = []
     for i, sid in enumerate(ids):
+        time.sleep(max(0.0, start + i * stagger - time.monotonic()))
         received[sid] = []
-        host.open(
-            sid, f"a red robot walks through a rainy neon city, viewer {i}", seed=i, max_seconds=seconds
-        )
+        opened[sid] = time.monotonic()
+        try:
+            host.open(
+                sid, f"a red robot walks through a rainy neon city, viewer {i}", seed=i, max_seconds=seconds
+            )
+        except CapacityError as err:  # admission by measured step time: report it, run the others
+            print(f"{sid} refused: {err}", flush=True)
+            refused.append(sid)
+            continue
         readers.append(threading.Thread(target=read, args=(sid,), daemon=True))
         readers[-1].start()
-    time.sleep(switch_after)
+    ids = [sid for sid in ids if sid not in refused]
+    time.sleep(max(0.0, start + (sessions - 1) * stagger + switch_after - time.monotonic()))
     posted = time.monotonic()
     for i, sid in enumerate(ids):
         host.post_prompt(sid, f"the robot walks into a sunlit forest, new prompt for viewer {i}")
@@ -77,27 +109,34 @@ def run(host: LiveHost, sessions: int, seconds: float, switch_after: float) -> d
         reader.join()
     stop.set()
     engine.join()
+    watcher.join()
 
+    if not ids:
+        return None
+    for sid in ids:  # where a first block's time goes: encoding + join, the DiT launch, the decode
+        print(sid, {k: round((v - opened[sid]) * 1e3) for k, v in marks[sid].items()}, flush=True)
     first, to_pixel, stalls = [], [], 0
     for sid in ids:
         times = dict(received[sid])
-        first.append(times[0] - opened)
+        first.append(times[0] - opened[sid])
         switch_block = host.status(sid)["prompts"][1]["block"]
         to_pixel.append(times[switch_block] - posted)
-        start = times[0] + PREROLL_S  # the player starts one block after the first arrives
-        for block, at in received[sid]:  # block k must arrive before the frames before it are played
-            if at > start + video_frames(block * host.config.block_frames) / FPS:
+        play = times[0] + PREROLL_S  # the player starts one block after the first arrives
+        for block, at in received[sid][1:]:  # block k must arrive before the frames before it are played
+            if at > play + video_frames(block * host.config.block_frames) / FPS:
                 stalls += 1
     steps = sorted(host.step_seconds)
+    for sid in ids:
+        host.forget(sid)
     return {
-        "step_ms": statistics.median(steps) * 1e3,
-        "step_max_ms": steps[-1] * 1e3,
-        "first_ms": statistics.median(first) * 1e3,
-        "first_max_ms": max(first) * 1e3,
-        "to_pixel_ms": statistics.median(to_pixel) * 1e3,
-        "to_pixel_max_ms": max(to_pixel) * 1e3,
+        "step": (statistics.median(steps) * 1e3, steps[-1] * 1e3),
+        "first": (statistics.median(first) * 1e3, max(first) * 1e3),
+        "first_later": max(first[1:], default=float("nan")) * 1e3,
+        "to_pixel": (statistics.median(to_pixel) * 1e3, max(to_pixel) * 1e3),
         "stalls": stalls,
-        "blocks": sum(len(r) for r in received.values()),
+        "blocks": sum(len(r) - 1 for r in received.values()),
+        "recompiles": host.recompiles,
+        "refused": len(refused),
     }
 
 
@@ -108,31 +147,44 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--switch-after", type=float, default=5, help="wall seconds before the prompt post")
+    parser.add_argument("--stagger", type=float, nargs="+", default=[0.0], help="seconds between opens")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     pipe = build_pipe(args.preset, args.decoder, args.compile)
     rows = [
-        "| sessions | first block (ms, median / max) | prompt-to-pixel (ms, median / max) | stalled blocks"
-        " | step incl. decode (ms, median / max) |",
-        "|---|---|---|---|---|",
+        "| sessions | opened every (s) | first block (ms, median / max) | first block of a later session (ms)"
+        " | prompt-to-pixel (ms, median / max) | stalled blocks after the first | step: DiT + decode (ms,"
+        " median / max) | max / median | recompiles after ready | warm-up (s) | refused |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    size = (832, 480) if args.preset == "full" else (48, 32)
     for n in args.sessions:
-        host = LiveHost(pipe, max_sessions=n, size=(832, 480) if args.preset == "full" else (48, 32))
-        host.warm_up(sessions=n)
-        r = run(host, n, args.seconds, args.switch_after)
-        rows.append(
-            f"| {n} | {r['first_ms']:.0f} / {r['first_max_ms']:.0f} | {r['to_pixel_ms']:.0f} /"
-            f" {r['to_pixel_max_ms']:.0f} | {r['stalls']} of {r['blocks']} | {r['step_ms']:.0f} /"
-            f" {r['step_max_ms']:.0f} |"
-        )
-        print(rows[-1], flush=True)
+        host = StreamingRuntime(pipe, max_sessions=n, size=size, background_encoding=True)
+        started = time.monotonic()
+        host.warm_up()
+        warm = time.monotonic() - started
+        for stagger in args.stagger if n > 1 else [0.0]:
+            r = run(host, n, args.seconds, args.switch_after, stagger)
+            if r is None:
+                rows.append(f"| {n} | {stagger:g} | every session refused for capacity |")
+                continue
+            rows.append(
+                f"| {n} | {stagger:g} | {r['first'][0]:.0f} / {r['first'][1]:.0f} | {r['first_later']:.0f} |"
+                f" {r['to_pixel'][0]:.0f} / {r['to_pixel'][1]:.0f} | {r['stalls']} of {r['blocks']} |"
+                f" {r['step'][0]:.0f} / {r['step'][1]:.0f} | {r['step'][1] / r['step'][0]:.2f} |"
+                f" {r['recompiles']} | {warm:.0f} | {r['refused']} |"
+            )
+            print(rows[-1], flush=True)
+            host.step_seconds.clear()
+        host.shutdown()
         del host
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.preset == "full" else "CPU"
     meta = [
         f"- device: {device}; torch {torch.__version__}; preset {args.preset}, decoder {args.decoder},"
-        f" {'compiled' if args.compile else 'eager'}; real-time pacing (16 fps), lead 1.5 s",
+        f" {'compiled' if args.compile else 'eager'}; real-time pacing (16 fps), lead 1.5 s; text encoding on"
+        " its own thread; decode on a second CUDA stream",
         f"- command: `{command_line()}`",
         f"- each session {args.seconds:g} s of video; a new prompt (text-encoder cache miss) posted"
         f" {args.switch_after:g} s after the sessions opened; first block = open() to its frames on the host;"

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_live import build_pipe  # noqa: E402
 from bench.report import command_line, emit  # noqa: E402
 from longlive_core.checkpoint import SessionCheckpoint, tensor_bytes  # noqa: E402
-from longlive_core.live import LiveHost  # noqa: E402
+from longlive_core.live import StreamingRuntime  # noqa: E402
 
 FIRST, SWITCH = "a red robot walks through a rainy neon city", "the robot walks into a sunlit forest"
 
@@ -35,7 +35,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_blocks(host: LiveHost, sid: str, blocks: int, switch_at: int | None = None) -> list[float]:
+def run_blocks(host: StreamingRuntime, sid: str, blocks: int, switch_at: int | None = None) -> list[float]:
     """Step until the session has `blocks` blocks; returns each step's seconds (decode included)."""
     times = []
     while host.status(sid)["blocks_done"] < blocks:
@@ -51,7 +51,7 @@ def run_blocks(host: LiveHost, sid: str, blocks: int, switch_at: int | None = No
     return times
 
 
-def restore_pause(host: LiveHost, blobs: dict[int, bytes], meta: dict, sid: str) -> float:
+def restore_pause(host: StreamingRuntime, blobs: dict[int, bytes], meta: dict, sid: str) -> float:
     """Deserialise, restore and make the first block: the pause a moved session's viewer sees."""
     sync()
     started = time.perf_counter()
@@ -76,7 +76,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     pipe = build_pipe(args.preset, args.decoder, args.compile)
     size = (832, 480) if args.preset == "full" else (48, 32)
-    host = LiveHost(pipe, max_sessions=1, size=size, playback_speed=0, checkpoints=True)
+    host = StreamingRuntime(pipe, max_sessions=1, size=size, playback_speed=0, checkpoints=True)
     host.warm_up()
 
     host.open("origin", FIRST, seed=1)

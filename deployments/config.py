@@ -28,8 +28,11 @@ class ServiceConfig(BaseModel):
     store_dir: str = Field("videos", description="local-directory store (the embedded default)")
     job_stale_after_s: float = Field(60, gt=0, description="a job silent this long is redone elsewhere")
     job_max_attempts: int = Field(3, ge=1)
-    warm_up_sessions: int = Field(
-        1, ge=1, description="concurrent sessions the warm-up compiles for (at most max_sessions)"
+    warm_up_sessions: int | None = Field(
+        None, ge=1, description="batch sizes the warm-up compiles, 1..this; None: up to max_sessions"
+    )
+    realtime_admission: bool = Field(
+        True, description="admit a live session only while the measured step time keeps all real time"
     )
     max_prompt_chars: int = Field(2000, ge=1, le=2000, description="longer prompts get 422 (hard cap 2000)")
     max_session_seconds: float = Field(3600, gt=0, le=3600, description="a session's max_seconds bound")

@@ -1,4 +1,4 @@
-"""Generator: one replica per GPU, a thin shell over `longlive_core.live.LiveHost`.
+"""Generator: one replica per GPU, a thin shell over `longlive_core.live.StreamingRuntime`.
 
 Two threads: the engine thread only steps the host (`host.run_once()`, paced block steps); the Redis
 thread moves new prompt events of this replica's sessions into the host, writes each live session's
@@ -18,11 +18,12 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+import redis
 from ray import serve
 
 from longlive_core.checkpoint import CheckpointError
 from longlive_core.fmp4 import FragmentedMp4Encoder, JpegEncoder
-from longlive_core.live import CapacityError, LiveHost, UnknownSessionError
+from longlive_core.live import CapacityError, SessionPhase, SessionView, StreamingRuntime, UnknownSessionError
 
 from .checkpoints import CheckpointStore
 from .config import ServiceConfig
@@ -31,6 +32,7 @@ from .store import ReplicaEvents
 
 logger = logging.getLogger("longlive.generator")
 PREEMPT_WAIT_STEPS = 200  # x 50 ms: a block step on the slowest supported device
+REDIS_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 REDIS_PERIOD_S = 0.02  # the Redis thread's loop: prompt events reach the host within this
 REDIS_RETRY_S = 0.5  # while Redis is away
 SAMPLE_PERIOD_S = 1.0  # gauges, the replica's admin info and the queue depth
@@ -50,14 +52,16 @@ class SessionMoved(Exception):
     """Another replica took the session over (this one was presumed gone): continue the stream there."""
 
 
-def build_host(config: ServiceConfig) -> LiveHost:
+def build_host(config: ServiceConfig) -> StreamingRuntime:
     from longlive_core import LongLivePipeline
     from longlive_core.config import RuntimeConfig
 
     runtime = RuntimeConfig(compile=config.compile, low_memory=config.low_memory)
     pipe = LongLivePipeline.from_pretrained(config.model, device=config.device, runtime=runtime)
-    return LiveHost(
+    return StreamingRuntime(
         pipe,
+        background_encoding=True,
+        realtime_margin=1.0 if config.realtime_admission else None,
         max_sessions=config.max_sessions,
         size=config.size,
         lead_seconds=config.lead_seconds,
@@ -73,7 +77,7 @@ class Generator:
         self.config = ServiceConfig(**config)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.host = build_host(self.config)
-        self.host.warm_up(sessions=min(self.config.warm_up_sessions, self.config.max_sessions))
+        self.host.warm_up(self.config.warm_up_sessions)  # every batch size: nothing compiles while serving
         self.events = ReplicaEvents(self.config.redis_url, self.replica_id)
         self.events.set_free_slots(self.host.max_sessions)
         self.checkpoints = CheckpointStore(self.config.redis_url, self.config.checkpoint_ttl_s)
@@ -86,6 +90,8 @@ class Generator:
         self._opened: dict[str, float] = {}  # session -> when opened, until its first block is out
         self._posted: dict[tuple[str, int], float] = {}  # (session, prompt index) -> posted (wall time)
         self._rates = RateSampler()
+        self._stalled_reported = 0
+        self._replica_fps = 0.0
         if self.jobs is not None:
             self.jobs.on_finished = self._job_finished
         self._moved: dict[str, None] = {}  # sessions closed here as another replica owns them now (ordered)
@@ -203,10 +209,10 @@ class Generator:
 
     async def _ensure(self, session_id: str, from_frame: int | None = None) -> None:
         """Restore a session that moved here from its checkpoint, unless this replica holds it."""
-        if session_id in self.host.sessions:
+        if self.host.has_session(session_id):
             return
         async with self._restoring:
-            if session_id in self.host.sessions:
+            if self.host.has_session(session_id):
                 return
             checkpoint = await asyncio.to_thread(self.checkpoints.load, session_id)
             if checkpoint is None:
@@ -261,20 +267,20 @@ class Generator:
                 raise
 
     def _redis_loop(self) -> None:
-        """Prompt events in, checkpoints and free slots out. Any Redis failure: retry until it is back;
-        what happened meanwhile (events posted, blocks made) is caught up then."""
+        """Prompt events in, checkpoints and free slots out. Redis away (redis-py's ConnectionError or
+        TimeoutError): retry until it is back; what happened meanwhile (events posted, blocks made) is
+        caught up then. Any other exception is a bug: logged with its traceback, counted as one, and the
+        loop goes on."""
         saved: dict[str, int] = {}  # session -> blocks_done of its last checkpoint written
         published = -1
         next_sample = 0.0
         while not self._stop.is_set():
-            try:
-                self._observe_latencies()
-            except Exception:  # noqa: BLE001 - metrics never stop this thread
-                logger.exception("metrics failed")
+            self._guarded(self._observe_latencies, "metrics")
             try:
                 if time.monotonic() >= next_sample:
                     next_sample = time.monotonic() + SAMPLE_PERIOD_S
-                    self._sample()
+                    self._guarded(self._record_metrics, "metrics")
+                    self._publish_info()
                 self._sync(saved)
                 if self.host.load != published:  # admission reads it: keep it current
                     self._publish_free_slots()
@@ -283,13 +289,24 @@ class Generator:
                     logger.warning("redis is back")
                     self.redis_ok = True
                 time.sleep(REDIS_PERIOD_S)
-            except Exception as err:  # noqa: BLE001 - Redis away (or any other error): keep trying
+            except REDIS_AWAY as err:
                 if self.redis_ok:
                     logger.warning("redis unavailable, sessions go on from memory: %s", err)
                     self.redis_ok = False
                     self.metrics.error("generator", "redis")
                 published = -1
                 time.sleep(REDIS_RETRY_S)
+            except Exception:  # noqa: BLE001 - a bug, not Redis: say so once per kind, keep the replica
+                logger.exception("redis thread failed (a bug, not Redis)")
+                self.metrics.error("generator", "bug")
+                time.sleep(REDIS_RETRY_S)
+
+    def _guarded(self, call, what: str) -> None:
+        """Metrics never raise into a serving thread."""
+        try:
+            call()
+        except Exception:  # noqa: BLE001 - a metrics bug must not stop serving; logged as the bug it is
+            logger.exception("%s failed (a bug)", what)
 
     def _sync(self, saved: dict[str, int]) -> None:
         for session_id, event_id, event in self.events.poll():
@@ -300,19 +317,20 @@ class Generator:
                     self.log.warning("event not applied: %s", err, extra={"session_id": session_id})
                     continue
                 self._posted[(session_id, index)] = _posted_at(event)
+        views = {v.session_id: v for v in self.host.snapshot()}
         for session_id in self.events.followed():
-            session = self.host.sessions.get(session_id)
-            if session is None or session.finished:
+            view = views.get(session_id)
+            if view is None or view.ended:
                 if session_id not in self._moved:
                     self.checkpoints.delete(session_id)  # ended here: nothing to restore elsewhere
                 self.events.unfollow(session_id)
                 self.checkpoints.forget(session_id)
                 saved.pop(session_id, None)
                 continue
-            if saved.get(session_id) == session.blocks_done:
+            if saved.get(session_id) == view.blocks_done:
                 continue
             if self.checkpoints.save(self.host.checkpoint(session_id), self.replica_id):
-                saved[session_id] = session.blocks_done
+                saved[session_id] = view.blocks_done
             else:  # ended by its client, or moved to another replica meanwhile
                 self.log.warning("no longer ours, closing it here", extra={"session_id": session_id})
                 self._moved[session_id] = None
@@ -321,58 +339,69 @@ class Generator:
                 self.host.close(session_id)
 
     # -- metrics -----------------------------------------------------------------------------------
-    def _live_sessions(self) -> list:
-        return [s for s in list(self.host.sessions.values()) if s.paced and not s.finished]
+    def _live_sessions(self) -> list[SessionView]:
+        return [v for v in self.host.snapshot() if v.paced and not v.ended]
 
     def _observe_latencies(self) -> None:
         """Time to first frame and prompt-switch latency, seen within REDIS_PERIOD_S of the block."""
-        sessions = self.host.sessions
+        views = {v.session_id: v for v in self.host.snapshot()}
         for session_id, opened in list(self._opened.items()):
-            session = sessions.get(session_id)
-            if session is None or session.finished or session.blocks_done > 0:
+            view = views.get(session_id)
+            if view is None or view.ended or view.blocks_done > 0:
                 del self._opened[session_id]
-                if session is not None and session.blocks_done > 0:
+                if view is not None and view.blocks_done > 0:
                     self.metrics.time_to_first_frame.observe(time.monotonic() - opened)
         for key, posted in list(self._posted.items()):
-            session = sessions.get(key[0])
-            known = session is not None and key[1] < len(session.prompts)
-            block = session.prompts[key[1]].block if known else -1
+            view = views.get(key[0])
+            known = view is not None and key[1] < len(view.prompt_blocks)
+            block = view.prompt_blocks[key[1]] if known else -1
             if block is None:
                 continue  # not applied yet
-            if block >= 0 and session.blocks_done <= block:
+            if block >= 0 and view.blocks_done <= block:
                 continue  # applied, its first block not made yet
             del self._posted[key]
             if block >= 0:  # -1: superseded by a later prompt before any block, or the session is gone
                 self.metrics.prompt_switch.observe(max(0.0, time.time() - posted))
 
-    def _sample(self) -> None:
-        """Gauges, the session FPS histogram and the replica's admin info; reads the queue depth."""
+    def _record_metrics(self) -> None:
+        """Gauges, counters and the session FPS histogram (Ray's Counter takes only positive steps)."""
         m, now, live = self.metrics, time.monotonic(), self._live_sessions()
         fps = self._rates.rate("replica", self.host.frames_made, now)
         if fps is not None:
             m.replica_fps.set(fps)
-            m.frames.inc(self._rates.delta)
+            if self._rates.delta > 0:
+                m.frames.inc(self._rates.delta)
+        stalled = self.host.stalled_blocks - self._stalled_reported
+        if stalled > 0:
+            m.stalled_blocks.inc(stalled)
+            self._stalled_reported += stalled
+        m.recompiles.set(self.host.recompiles)
         if now - self._rates.last_session_sample >= SESSION_FPS_PERIOD_S:
             self._rates.last_session_sample = now
-            for s in live:
-                rate = self._rates.rate(s.session_id, s.frames_done, now)
-                if rate is not None and s.joined:
+            for v in live:
+                rate = self._rates.rate(v.session_id, v.frames_done, now)
+                if rate is not None and v.phase is SessionPhase.LIVE:
                     m.session_fps.observe(rate)
-            self._rates.keep({"replica", *(s.session_id for s in live)})
+            self._rates.keep({"replica", *(v.session_id for v in live)})
         m.sessions_live.set(len(live))
         m.jobs_running.set(int(self.jobs is not None and self.jobs.running is not None))
+        self._replica_fps = fps or 0.0
+
+    def _publish_info(self) -> None:
+        """The replica's admin info and the queue depth (Redis: its errors go to the caller)."""
+        live = self._live_sessions()
         self.jobs_queued = self.events.jobs_queued()
-        m.jobs_queued.set(self.jobs_queued)
+        self._guarded(lambda: self.metrics.jobs_queued.set(self.jobs_queued), "metrics")
         running = self.jobs.running if self.jobs is not None else None
         self.events.publish_info(
             {
                 "replica": self.replica_id,
                 "load": self.host.load,
                 "capacity": self.host.max_sessions,
-                "sessions": sorted(s.session_id for s in live),
+                "sessions": sorted(v.session_id for v in live),
                 "job": running.job_id if running is not None else None,
                 "jobs_queued": self.jobs_queued,
-                "fps": round(fps or 0.0, 2),
+                "fps": round(self._replica_fps, 2),
                 "redis": self.redis_ok,
                 "updated_at": time.time(),
             }
@@ -415,7 +444,7 @@ class RateSampler:
             del self.last[key]
 
 
-def build_job_worker(config: ServiceConfig, host: LiveHost, replica_id: str):
+def build_job_worker(config: ServiceConfig, host: StreamingRuntime, replica_id: str):
     from jobs.worker import JobWorker
 
     worker = JobWorker(

@@ -53,6 +53,12 @@ class Metrics:
             "longlive_job_duration_seconds", "a job's claim -> end", JOB_SECONDS, tag_keys=("state",)
         )
         self.errors = Counter("longlive_errors_total", "errors", tag_keys=("where", "kind"))
+        self.stalled_blocks = Counter(
+            "longlive_stalled_blocks_total", "live blocks delivered after their first frame was due on screen"
+        )
+        self.recompiles = Gauge(
+            "longlive_recompiles_after_ready", "graphs torch.compile made after the warm-up (0 is healthy)"
+        )
 
     def error(self, where: str, kind: str) -> None:
         self.errors.inc(tags={"where": where, "kind": kind})

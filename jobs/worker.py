@@ -1,4 +1,4 @@
-"""Job workers: take a job when the host has a free slot, generate it unpaced on the LiveHost (beside
+"""Job workers: take a job when the host has a free slot, generate it unpaced on the StreamingRuntime (beside
 any live sessions, which set the pace while they run), encode fMP4 block by block into a local spool
 file, upload that file to the store, and acknowledge only once the object is complete.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from longlive_core.fmp4 import FragmentedMp4Encoder
-from longlive_core.live import LiveHost
+from longlive_core.live import StreamingRuntime
 from longlive_core.schedule import blocks_for_seconds, switch_block, video_frames
 
 from .queue import ENDED, UNREACHABLE, Claimed, JobQueue
@@ -135,7 +135,7 @@ class Heartbeat:
 
 
 def run_job(
-    host: LiveHost,
+    host: StreamingRuntime,
     queue: JobQueue,
     store: Store,
     claimed: Claimed,
@@ -172,7 +172,7 @@ def run_job(
 
 
 def generate(
-    host: LiveHost,
+    host: StreamingRuntime,
     claimed: Claimed,
     spool: Path,
     beat: Heartbeat,
@@ -314,7 +314,7 @@ class JobWorker:
 
     def __init__(
         self,
-        host: LiveHost,
+        host: StreamingRuntime,
         queue: JobQueue,
         store: Store,
         consumer: str,
@@ -429,7 +429,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     pipe = LongLivePipeline.from_pretrained(args.model)
-    host = LiveHost(pipe, max_sessions=1, size=tuple(args.size) if args.size else None)
+    host = StreamingRuntime(pipe, max_sessions=1, size=tuple(args.size) if args.size else None)
     store = S3Store(args.bucket, args.endpoint_url) if args.bucket else LocalStore(args.local_dir)
     queue = JobQueue(args.redis, stale_after_s=args.stale_after)
     worker = JobWorker(

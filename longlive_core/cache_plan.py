@@ -139,3 +139,58 @@ class CacheLayout:
         else:
             start = 0  # the sink is among the recomputed frames and takes the new prompt
         return self._plan(list(range(start, committed)), block_causal=cfg.recache == "block_causal")
+
+
+@dataclass(frozen=True, order=True)
+class PassShape:
+    """What a compiled pass specialises on: its batch, its query and key frames and its key mask."""
+
+    batch: int
+    query_frames: int
+    key_frames: int  # cache slots attended to: an occupied prefix, or the whole window under a mask
+    mask: str  # "none": the prefix is the keys; "keys": a key mask per row; "full": per row and query frame
+
+
+def attention_shape(plans: list[PassPlan]) -> PassShape:
+    """The shape of a batched pass over `plans`: while every row's occupied slots are the same prefix
+    0..m-1 the pass attends to that prefix unmasked, otherwise to the whole window under a mask."""
+    first = plans[0]
+    prefix = tuple(range(len(first.visible_slots[0])))
+    query_frames = len(first.query_frames)
+    if all(v == prefix for p in plans for v in p.visible_slots):
+        return PassShape(len(plans), query_frames, len(prefix), "none")
+    per_row = all(len(set(p.visible_slots)) == 1 for p in plans)
+    return PassShape(len(plans), query_frames, len(first.slot_frames), "keys" if per_row else "full")
+
+
+def pass_shapes(config: GenerationConfig, max_sessions: int, max_positions: int) -> set[PassShape]:
+    """Every shape a pass can take with up to `max_sessions` sessions in one step: the bounded list a
+    warm-up compiles. One session's passes are planned through two windows (blocks, a recache after every
+    block, restores with every sink source); a block step of b sessions in one phase has that phase's
+    shape with batch b, and sessions in different phases attend to the whole window under a key mask."""
+    single: set[PassShape] = set()
+    block_phases: set[PassShape] = set()
+    horizon = 2 * config.window_frames + config.block_frames
+    for committed in range(0, horizon, config.block_frames):
+        layout = CacheLayout(config, max_positions=10**9)
+        for start in range(0, committed, config.block_frames):
+            layout.plan_block(start)
+        block_phases.add(attention_shape([layout.plan_block(committed)]))
+        if committed:
+            upto = min(committed, config.window_frames)
+            sources = {config.sink_frames, *range(config.block_frames, upto + 1, config.block_frames)}
+            for sink in sorted(s for s in sources if config.sink_frames <= s <= upto):
+                restored = CacheLayout(config, max_positions=10**9)
+                sink_plan, plan = restored.plan_restore(committed, sink)
+                single.update(attention_shape([p]) for p in (sink_plan, plan) if p is not None)
+        replanned = CacheLayout(config, max_positions=10**9)
+        for start in range(0, committed, config.block_frames):
+            replanned.plan_block(start)
+        if (recache := replanned.plan_recache(committed)) is not None:
+            single.add(attention_shape([recache]))
+    shapes = set(single) | block_phases
+    window = PassShape(1, config.block_frames, config.window_frames, "keys")
+    for batch in range(2, max_sessions + 1):
+        shapes.update(PassShape(batch, s.query_frames, s.key_frames, s.mask) for s in block_phases)
+        shapes.add(PassShape(batch, window.query_frames, window.key_frames, window.mask))
+    return shapes

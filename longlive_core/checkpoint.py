@@ -29,7 +29,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class TimelineEntry:
-    """A prompt of the session's timeline (LiveHost.status shows the same fields)."""
+    """A prompt of the session's timeline (StreamingRuntime.status shows the same fields)."""
 
     prompt: str
     posted_at: float

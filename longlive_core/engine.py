@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .cache_plan import PassPlan
+from .cache_plan import PassPlan, PassShape, attention_shape
 from .config import GenerationConfig, RuntimeConfig
 from .kv_cache import KVCache
 from .models.transformer_causal_wan import (
@@ -95,6 +95,7 @@ class Engine:
         )
         self.prompts: dict[str, Tensor] = {}  # latest prompt embedding per session, padded
         self._restoring: dict[str, RestoreInputs] = {}  # moved sessions until their cache is rebuilt
+        self.shapes_seen: set[PassShape] = set()  # pass shapes run so far (compiled ones: each a graph)
 
     # -- requests ----------------------------------------------------------------------------------
     def add_session(
@@ -171,9 +172,10 @@ class Engine:
 
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> dict[str, Tensor]:
-        """One block for every running session: {session_id: latents [C, block_frames, H, W] float32}."""
-        return self._step(exit_step=None)
+    def step(self, only: set[str] | None = None) -> dict[str, Tensor]:
+        """One block for every running session (or for those in `only`, when their slots are contiguous):
+        {session_id: latents [C, block_frames, H, W] float32}."""
+        return self._step(exit_step=None, only=only)
 
     @torch.no_grad()
     def train_step(self, exit_step: int) -> dict[str, Tensor]:
@@ -184,8 +186,8 @@ class Engine:
             raise ValueError(f"exit_step must be in [0, {len(self.sampler)}), got {exit_step}")
         return self._step(exit_step)
 
-    def _step(self, exit_step: int | None) -> dict[str, Tensor]:
-        out = self.scheduler.schedule()
+    def _step(self, exit_step: int | None, only: set[str] | None = None) -> dict[str, Tensor]:
+        out = self.scheduler.schedule(only)
         try:
             with attention_backend(self.runtime):
                 blocks = self._execute(out, exit_step)
@@ -269,8 +271,9 @@ class Engine:
         self.model(latents, timestep, self.cache.context(rows), rope, cache)
 
     def _generate_blocks(self, blocks: list[BlockWork], exit_step: int | None = None) -> dict[str, Tensor]:
-        assert [w.slot for w in blocks] == list(range(len(blocks))), "running slots must be 0..k-1"
-        rows = slice(0, len(blocks))
+        first = blocks[0].slot
+        assert [w.slot for w in blocks] == list(range(first, first + len(blocks))), "slots must be contiguous"
+        rows = slice(first, first + len(blocks))
         block_frames = self.config.block_frames
         shape = (self.model.config.in_dim, block_frames, *self.latent_size)
         device = self.model.device
@@ -311,7 +314,7 @@ class Engine:
         # 3. Keep the clean latents for a later recache.
         window = self.config.window_frames
         ring = to_device([[f % window for f in w.plan.query_frames] for w in blocks], device)  # [b, F]
-        rows_index = torch.arange(len(blocks), device=device)[:, None]
+        rows_index = torch.arange(first, first + len(blocks), device=device)[:, None]
         self.history[rows_index, ring] = x0.detach().transpose(1, 2)
         with torch.set_grad_enabled(exit_step is not None):  # a view made under no_grad loses the graph
             return {w.session_id: x0[i] for i, w in enumerate(blocks)}
@@ -328,9 +331,10 @@ class Engine:
         write_index = (slot_index[..., None] * tokens + torch.arange(tokens, device=device)).flatten()
         # Keys: while the window fills, the occupied slots are a prefix 0..m-1 of the cache; attend
         # to that prefix (a view) and no mask is needed. Otherwise mask per row / query frame.
-        prefix = tuple(range(len(plans[0].visible_slots[0])))
-        if all(v == prefix for p in plans for v in p.visible_slots):
-            key_slots, key_mask = len(prefix), None
+        shape = attention_shape(plans)
+        self.shapes_seen.add(shape)
+        if shape.mask == "none":
+            key_slots, key_mask = shape.key_frames, None
         else:
             key_slots = window
             visible = torch.zeros(len(plans), len(plans[0].query_frames), window, dtype=torch.bool)

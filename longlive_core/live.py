@@ -1,38 +1,80 @@
-"""LiveHost: many live sessions on one Engine, paced to playback, each with a bounded chunk buffer.
+"""StreamingRuntime: the one generation loop. Many sessions on one Engine, each block decoded and delivered.
 
-The object a Generator replica wraps (and tests use without Ray). One thread owns the engine and calls
-`run_once()` in a loop; other threads only queue commands (open, prompt, close) and read chunks, so the
-engine is never touched concurrently. Commands apply at the next block boundary.
+Every path runs on it: `longlive generate` and `LongLivePipeline.stream` (one unpaced session, stepped by
+the caller), batch job workers (unpaced sessions) and Generator replicas (live sessions paced to playback).
+One thread owns the engine and calls `run_once()` in a loop; other threads queue commands (open, prompt,
+close), read chunks and read snapshots, all under the runtime's one lock, never its internals.
 
-Pacing: a live session is generated at most `lead_seconds` ahead of its playback clock (which starts
-when its first block is out), so a prompt posted now shows up on screen within about a block. A slow
-client never stalls the others: its buffer keeps the newest `buffer_blocks` blocks and drops older ones.
-`playback_speed=0` turns pacing off (batch work runs as fast as the device allows).
+A step: (1) wait until the DiT of the block in flight is done, so a prompt posted while it was made takes
+effect at the next block; (2) apply commands and prompt switches whose text is encoded; (3) launch the
+next DiT step; (4) decode the block in flight on a second CUDA stream while that step runs, and deliver
+it. Text encoding runs on its own thread (PromptEncoder). A session is queued -> live -> ended or failed.
+
+Pacing: a live session is generated at most `lead_seconds` ahead of its playback clock (which starts when
+its first block is out). A new session's first block runs as a step of its own when the others have
+their lead buffered. A slow client never stalls the others: its buffer keeps the newest `buffer_blocks`
+blocks. `playback_speed=0` turns pacing off (batch work runs as fast as the device allows).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import queue
+import statistics
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from enum import Enum
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from .cache_plan import PassShape, pass_shapes
 from .checkpoint import ROLLBACK_BLOCKS, CheckpointError, SessionCheckpoint, TimelineEntry
+from .config import GenerationConfig
 from .engine import Engine
-from .pipeline import VAE_STRIDE, LongLivePipeline, to_uint8_frames
+from .pipeline import VAE_STRIDE, LongLivePipeline, decode_block
+from .prompt_encoder import PromptEncoder
 from .schedule import FPS, block_of_frame, blocks_for_seconds, video_frames
+
+logger = logging.getLogger(__name__)
+COST_SAMPLES = 50  # step costs kept per batch size, for admission
 
 
 class CapacityError(RuntimeError):
-    """The host runs as many sessions as it may."""
+    """The runtime runs as many sessions as it may (slots, or measured step time against real time)."""
 
 
 class UnknownSessionError(KeyError):
-    """No such session on this host (never opened, or ended and forgotten)."""
+    """No such session here (never opened, or ended and forgotten)."""
+
+
+class SessionEnded(ValueError):
+    """The session has ended: it takes no more prompts."""
+
+
+class InvalidTransition(RuntimeError):
+    """A session state change the state machine does not allow (a bug in the caller)."""
+
+
+class SessionPhase(str, Enum):
+    QUEUED = "queued"  # waiting for its prompt's encoding and an engine slot
+    LIVE = "live"
+    ENDED = "ended"
+    FAILED = "error"
+
+
+_NEXT_PHASES = {
+    SessionPhase.QUEUED: {SessionPhase.LIVE, SessionPhase.ENDED, SessionPhase.FAILED},
+    SessionPhase.LIVE: {SessionPhase.ENDED, SessionPhase.FAILED},
+    SessionPhase.ENDED: set(),
+    SessionPhase.FAILED: set(),
+}
 
 
 @dataclass(frozen=True)
@@ -45,31 +87,93 @@ class Chunk:
     prompt: int  # index into the session's prompt timeline of the prompt it was made under
 
 
+@dataclass(frozen=True)
+class SessionView:
+    """A snapshot of one session for other threads (metrics, Redis sync)."""
+
+    session_id: str
+    phase: SessionPhase
+    paced: bool
+    blocks_made: int
+    blocks_done: int
+    frames_done: int
+    prompt_blocks: tuple[
+        int | None, ...
+    ]  # per timeline entry: the block it took effect at (see TimelineEntry)
+
+    @property
+    def ended(self) -> bool:
+        return self.phase in (SessionPhase.ENDED, SessionPhase.FAILED)
+
+
 @dataclass
 class LiveSession:
     session_id: str
     seed: int
     num_blocks: int | None
     prompts: list[TimelineEntry]
-    buffer: deque[Chunk]
+    paced: bool
+    last_read: float
+    phase: SessionPhase = SessionPhase.QUEUED
+    end_reason: str | None = None
+    in_engine: bool = False  # holds an engine slot
+    fresh: bool = True  # no block launched on this runtime yet: its first may run as a step of its own
+    buffer: deque[Chunk] = field(default_factory=deque)
     decoder_stream: object = None
-    blocks_done: int = 0
+    blocks_made: int = 0  # blocks whose DiT step was launched (pacing)
+    blocks_done: int = 0  # blocks decoded and delivered
     frames_done: int = 0
     playback_start: float | None = None  # clock time of its first block
-    last_read: float = 0.0
     dropped_blocks: int = 0
-    finished: bool = False
-    joined: bool = False
-    error: str | None = None
+    stalled_blocks: int = 0  # paced: delivered after its first frame was due on the viewer's screen
     waiting: list[int] = field(default_factory=list)  # timeline indices posted, not yet applied
+    encoding: dict[int, Future[Tensor]] = field(default_factory=dict)  # timeline index -> its embedding
     scheduled: dict[int, str] = field(default_factory=dict)  # block -> prompt applied right before it
-    paced: bool = True  # False: batch work, as fast as the device allows
     read_blocks: int = 0  # blocks handed to a reader (a restore elsewhere resumes here)
-    kept: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> clean latents, for checkpoints
+    kept: dict[int, Tensor] = field(default_factory=dict)  # block -> clean latents, for checkpoints
     replay: dict[int, int] = field(default_factory=dict)  # restored: block -> timeline index applied there
 
+    @property
+    def ended(self) -> bool:
+        return self.phase in (SessionPhase.ENDED, SessionPhase.FAILED)
 
-class LiveHost:
+    def move_to(self, phase: SessionPhase, reason: str | None = None) -> None:
+        if phase not in _NEXT_PHASES[self.phase]:
+            raise InvalidTransition(f"session {self.session_id!r}: {self.phase.value} -> {phase.value}")
+        self.phase = phase
+        self.end_reason = reason
+
+
+@dataclass
+class _Command:
+    """Engine-thread work queued by a request; runs once every future it needs is done."""
+
+    run: Callable[[], None]
+    needs: tuple[Future, ...] = ()
+
+    def ready(self) -> bool:
+        return all(f.done() for f in self.needs)
+
+
+@dataclass
+class _InFlight:
+    """A launched DiT step whose block is not decoded yet."""
+
+    latents: dict[str, Tensor]
+    started: float  # perf_counter at launch
+    done: torch.cuda.Event | None  # recorded after the step (CUDA); None: the step ran synchronously
+    begin: torch.cuda.Event | None
+    dit_seconds: float = 0.0
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+            self.dit_seconds = self.begin.elapsed_time(self.done) / 1e3
+        else:
+            self.dit_seconds = time.perf_counter() - self.started
+
+
+class StreamingRuntime:
     def __init__(
         self,
         pipe: LongLivePipeline,
@@ -81,39 +185,69 @@ class LiveHost:
         playback_speed: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         checkpoints: bool = False,
+        config: GenerationConfig | None = None,
+        background_encoding: bool = False,
+        realtime_margin: float | None = 1.0,
+        overlap_decode: bool = True,
     ):
-        """checkpoints: keep the clean latents `checkpoint()` needs for live (paced) sessions."""
+        """checkpoints: keep the clean latents `checkpoint()` needs for live (paced) sessions.
+        config: default the pipeline's with relative RoPE, the one mode for open-ended sessions (as the
+        reference's 'infinity' config). background_encoding: encode prompts on their own thread (a served
+        runtime); off, the engine thread encodes them at its next step. realtime_margin: a new live session
+        is admitted while the measured step time stays under this share of a block's playback time (None:
+        by free slots only).
+        overlap_decode (CUDA): decode each block on a second stream while the next block's DiT runs."""
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if playback_speed < 0:
             raise ValueError(f"playback_speed must be >= 0 (0: unpaced), got {playback_speed}")
+        if realtime_margin is not None and not 0 < realtime_margin <= 1:
+            raise ValueError(f"realtime_margin must be in (0, 1], got {realtime_margin}")
         self.pipe = pipe
         self.width, self.height = pipe.check_size(size)
-        # Live sessions are open-ended: relative RoPE, as the reference's 'infinity' config.
-        self.config = pipe.generation_config.with_(rope_mode="relative")
+        self.config = config or pipe.generation_config.with_(rope_mode="relative")
         latent_size = (self.height // VAE_STRIDE, self.width // VAE_STRIDE)
         self.engine = Engine(pipe.transformer, self.config, latent_size, max_sessions, runtime=pipe.runtime)
+        self.encoder = PromptEncoder(pipe.text_encoder, background=background_encoding)
         self.max_sessions = max_sessions
         self.lead_seconds = lead_seconds
         self.buffer_blocks = buffer_blocks
         self.idle_timeout_s = idle_timeout_s
         self.playback_speed = playback_speed
+        self.realtime_margin = realtime_margin
         self.clock = clock
         self.checkpoints = checkpoints
         self.window_blocks = self.config.window_frames // self.config.block_frames
-        self.sessions: dict[str, LiveSession] = {}
-        self.step_seconds: deque[float] = deque(maxlen=1000)  # block steps incl. decode, newest last
-        self.frames_made = 0  # video frames made for any session since the host started (metrics)
-        self._commands: deque[Callable[[], None]] = deque()
+        self.block_seconds = (
+            video_frames(2 * self.config.block_frames) / FPS - video_frames(self.config.block_frames) / FPS
+        )  # playback time of a steady block (12 frames: 0.75 s)
+        self.step_seconds: deque[float] = deque(maxlen=1000)  # DiT + decode per step, newest last
+        self.frames_made = 0  # video frames delivered for any session since start (metrics)
+        self.stalled_blocks = 0  # paced blocks delivered late, any session (metrics)
+        self._costs: dict[int, deque[float]] = {}  # batch size -> recent step costs (s)
+        self._sessions: dict[str, LiveSession] = {}
+        self._commands: deque[_Command] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # commands queued / chunks produced
+        self._in_flight: _InFlight | None = None  # the step launched last (CUDA)
+        self._decode_queue: queue.Queue[_InFlight | None] = queue.Queue(maxsize=2)
+        self._decode_thread: threading.Thread | None = None
+        device = pipe.transformer.device
+        on_cuda = device.type == "cuda" and overlap_decode
+        # High priority: a block's decode (what a viewer waits for) goes ahead of the next step's DiT.
+        self._decode_stream = torch.cuda.Stream(device, priority=-1) if on_cuda else None
+        self._graphs_at_ready: int | None = None
 
     # -- requests (any thread) ---------------------------------------------------------------------
     @property
     def load(self) -> int:
-        """Sessions that hold or will hold a cache slot."""
+        """Sessions that hold or will hold an engine slot."""
         with self._lock:
             return self._live_count()
+
+    def has_session(self, session_id: str) -> bool:
+        with self._lock:
+            return session_id in self._sessions
 
     def open(
         self,
@@ -123,44 +257,52 @@ class LiveHost:
         max_seconds: float | None = None,
         scheduled: dict[int, str] | None = None,
         paced: bool = True,
+        num_blocks: int | None = None,
     ) -> None:
-        """Queue a new session; raises CapacityError when the host is full, ValueError on bad input.
+        """Queue a new session; raises CapacityError when the runtime is full, ValueError on bad input.
 
         scheduled: prompts applied exactly before given blocks (a batch job's schedule); paced=False runs
-        the session as fast as the device allows, whatever its playback clock."""
-        if not prompt or not prompt.strip():
-            raise ValueError("prompt must not be empty")
-        num_blocks = None
+        the session as fast as the device allows, whatever its playback clock. The length: max_seconds,
+        or num_blocks (neither: until closed)."""
+        _check_prompt(prompt)
+        if num_blocks is not None and (max_seconds is not None or num_blocks < 1):
+            raise ValueError("give max_seconds or num_blocks (>= 1), not both")
         if max_seconds is not None:
             if max_seconds <= 0:
                 raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
             num_blocks = blocks_for_seconds(max_seconds, self.config.block_frames)
-        now = self.clock()
         with self._lock:
-            if session_id in self.sessions:
+            if session_id in self._sessions:
                 raise ValueError(f"session {session_id!r} exists")
-            if self._live_count() >= self.max_sessions:
-                raise CapacityError(f"host runs its maximum of {self.max_sessions} sessions")
+            self._check_capacity(paced)
             session = LiveSession(
-                session_id, seed, num_blocks, [TimelineEntry(prompt, now, block=0)], deque(), last_read=now
+                session_id,
+                seed,
+                num_blocks,
+                [TimelineEntry(prompt, time.time(), block=0)],
+                paced,
+                self.clock(),
             )
             session.scheduled = dict(scheduled or {})
-            session.paced = paced
-            self.sessions[session_id] = session
-            self._commands.append(lambda: self._join(session))
+            for text in session.scheduled.values():  # encoded ahead: they apply exactly at their blocks
+                self.encoder.submit(text)
+            first = self.encoder.submit(prompt)
+            session.encoding[0] = first
+            self._sessions[session_id] = session
+            self._commands.append(_Command(lambda: self._join(session, first), (first,)))
             self._wake.notify_all()
 
     def post_prompt(self, session_id: str, prompt: str, event_id: str | None = None) -> int:
         """Queue a prompt switch; returns its index in the session's timeline. event_id: its id in the
-        session's prompt-event log (a checkpoint records how far the log was read)."""
-        if not prompt or not prompt.strip():
-            raise ValueError("prompt must not be empty")
+        session's prompt-event log (a checkpoint records how far the log was read). Raises SessionEnded."""
+        _check_prompt(prompt)
         with self._lock:
             session = self._get(session_id)
-            if session.finished:
-                raise ValueError(f"session {session_id!r} has ended")
-            session.prompts.append(TimelineEntry(prompt, self.clock(), event_id=event_id))
+            if session.ended:
+                raise SessionEnded(f"session {session_id!r} has ended")
+            session.prompts.append(TimelineEntry(prompt, time.time(), event_id=event_id))
             index = len(session.prompts) - 1
+            session.encoding[index] = self.encoder.submit(prompt)
             session.waiting.append(index)
             self._wake.notify_all()
             return index
@@ -168,9 +310,9 @@ class LiveHost:
     def close(self, session_id: str) -> None:
         with self._lock:
             session = self._get(session_id)
-            if not session.finished:
-                session.finished = True
-                self._commands.append(lambda: self._leave(session))
+            if not session.ended:
+                session.move_to(SessionPhase.ENDED, "closed")
+                self._commands.append(_Command(lambda: self._leave(session)))
             self._wake.notify_all()
 
     def next_chunk(self, session_id: str, timeout: float | None = None) -> Chunk | None:
@@ -185,7 +327,7 @@ class LiveHost:
                     chunk = session.buffer.popleft()
                     session.read_blocks = chunk.block + 1
                     return chunk
-                if session.finished:
+                if session.ended:
                     return None
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -198,13 +340,13 @@ class LiveHost:
             s.last_read = self.clock()
             return {
                 "session_id": s.session_id,
-                "state": _state(s),
+                "state": s.phase.value,
                 "blocks_done": s.blocks_done,
                 "frames_done": s.frames_done,
                 "buffered_blocks": len(s.buffer),
                 "dropped_blocks": s.dropped_blocks,
                 "seed": s.seed,
-                "error": s.error,
+                "error": s.end_reason if s.phase is SessionPhase.FAILED else None,
                 "prompts": [
                     {
                         "prompt": p.prompt,
@@ -216,8 +358,23 @@ class LiveHost:
                 ],
             }
 
+    def snapshot(self) -> list[SessionView]:
+        with self._lock:
+            return [
+                SessionView(
+                    s.session_id,
+                    s.phase,
+                    s.paced,
+                    s.blocks_made,
+                    s.blocks_done,
+                    s.frames_done,
+                    tuple(p.block for p in s.prompts),
+                )
+                for s in self._sessions.values()
+            ]
+
     def checkpoint(self, session_id: str) -> SessionCheckpoint:
-        """What rebuilds the session on another host (see longlive_core.checkpoint)."""
+        """What rebuilds the session on another runtime (see longlive_core.checkpoint)."""
         with self._lock:
             s = self._get(session_id)
             return SessionCheckpoint(
@@ -237,30 +394,29 @@ class LiveHost:
         from_frame: int | None = None,
         recovered: Sequence[tuple[str, str]] = (),
     ) -> int:
-        """Continue a session that ran on another host; returns the block it resumes at.
+        """Continue a session that ran on another runtime; returns the block it resumes at.
 
         from_frame: the first video frame the viewer still needs (default: after the last block read).
         recovered: (prompt, event id) of the session's log events posted after the checkpoint was written.
         Its cache is rebuilt from the checkpoint's latents (one recache pass, plus a sink pass once the
         window slid), its decoder primed with the latest blocks, and prompt switches made after the resume
         point are made again at the same blocks. Prompts not applied in the checkpoint and the recovered
-        ones then take effect one block each, in order: the old host may have applied them already (a
+        ones then take effect one block each, in order: the old runtime may have applied them already (a
         viewer saw it), so none is superseded by another one that came back with it.
         Raises CheckpointError, CapacityError."""
         cp = checkpoint
         if tuple(cp.size) != (self.width, self.height):
             raise CheckpointError(
-                f"checkpoint is for {cp.size[0]}x{cp.size[1]}, this host makes {self.width}x{self.height}"
+                f"checkpoint is for {cp.size[0]}x{cp.size[1]}, this runtime makes {self.width}x{self.height}"
             )
         if cp.num_blocks is not None and cp.blocks_done >= cp.num_blocks:
             raise CheckpointError(f"session {cp.session_id!r} had finished")
         wanted = None if from_frame is None else block_of_frame(from_frame, self.config.block_frames)
         block = cp.resume_block(self.config, wanted)
-        now = self.clock()
         timeline = [replace(e) for e in cp.timeline]
-        timeline += [TimelineEntry(prompt, now, event_id=event_id) for prompt, event_id in recovered]
-        session = LiveSession(cp.session_id, cp.seed, cp.num_blocks, timeline, deque(), last_read=now)
-        session.blocks_done, session.read_blocks = block, block
+        timeline += [TimelineEntry(prompt, time.time(), event_id=event_id) for prompt, event_id in recovered]
+        session = LiveSession(cp.session_id, cp.seed, cp.num_blocks, timeline, True, self.clock())
+        session.blocks_done = session.blocks_made = session.read_blocks = block
         session.frames_done = video_frames(block * self.config.block_frames) if block else 0
         pending = []
         for index, entry in enumerate(timeline):
@@ -274,260 +430,518 @@ class LiveHost:
         next_block = max(taken) + 1 if taken else block
         for offset, index in enumerate(pending):
             session.replay[next_block + offset] = index
+        # The prompt in effect: the last applied at or before the resume block (a switch made at that very
+        # block is part of the restored state: the restore's recache pass is that switch's recache).
+        current = max(i for i, e in enumerate(timeline) if e.block is not None and 0 <= e.block <= block)
+        sink_index = cp.sink_source(self.config, block)[0] if block else current
         with self._lock:
-            if cp.session_id in self.sessions:
+            if cp.session_id in self._sessions:
                 raise ValueError(f"session {cp.session_id!r} exists")
-            if self._live_count() >= self.max_sessions:
-                raise CapacityError(f"host runs its maximum of {self.max_sessions} sessions")
-            self.sessions[cp.session_id] = session
-            self._commands.append(lambda: self._join_restored(session, cp))
+            self._check_capacity(paced=True)
+            for index in {current, sink_index, *session.replay.values()}:
+                session.encoding[index] = self.encoder.submit(timeline[index].prompt)
+            self._sessions[cp.session_id] = session
+            needs = (session.encoding[current], session.encoding[sink_index])
+            self._commands.append(
+                _Command(lambda: self._join_restored(session, cp, current, sink_index), needs)
+            )
             self._wake.notify_all()
         return block
 
     def forget(self, session_id: str) -> None:
         """Drop an ended session's record."""
         with self._lock:
-            if self._get(session_id).finished:
-                del self.sessions[session_id]
+            if self._get(session_id).ended:
+                del self._sessions[session_id]
+
+    def shutdown(self) -> None:
+        self.encoder.close()
+        if self._decode_thread is not None:
+            self._decode_queue.put(None)
+            self._decode_thread.join()
+            self._decode_thread = None
+
+    # -- measurements --------------------------------------------------------------------------------
+    def predicted_step_seconds(self, sessions: int) -> float | None:
+        """A step's cost with `sessions` sessions, from measured steps (scaled from the largest measured
+        batch below it); None while nothing was measured."""
+        with self._lock:
+            return self._predicted_cost(sessions)
+
+    @property
+    def recompiles(self) -> int:
+        """Graphs torch.compile made since the warm-up ended (0 when nothing is compiled)."""
+        if self._graphs_at_ready is None:
+            return 0
+        return compiled_graphs() - self._graphs_at_ready
+
+    @property
+    def unwarmed_shapes(self) -> set[PassShape]:
+        """Pass shapes admission allows that no step has run yet (empty after a full warm-up)."""
+        return pass_shapes(self.config, self.max_sessions, self.engine.scheduler.max_positions) - (
+            self.engine.shapes_seen
+        )
 
     # -- the engine thread -------------------------------------------------------------------------
     def run_once(self, max_wait: float = 0.05) -> bool:
-        """Apply queued commands, then make one block for every session if any of them is due.
-        Waits up to `max_wait` seconds for work; returns whether a block step ran."""
+        """One step: apply queued commands and prompt switches, launch a block for the sessions that are
+        due, and deliver the block launched before (decoded while this one runs). Waits up to `max_wait`
+        seconds for work; returns whether a block step was launched."""
+        if self._in_flight is not None:
+            self._in_flight.done.synchronize()  # its DiT is done: prompts posted meanwhile apply next
+            self._in_flight = None
+        self.encoder.run_pending()
         with self._lock:
-            if not self._commands and not self._any_due():
+            if self._in_flight is None and not self._ready_commands() and not self._plan_step()[0]:
                 self._wake.wait(min(max_wait, self._seconds_until_due()))
             self._close_idle()
-            commands, self._commands = list(self._commands), deque()
+            commands = self._take_ready_commands()
+        self.encoder.run_pending()
         for command in commands:
-            command()
+            command.run()
         with self._lock:  # after the commands: a session restored just now makes its switch at this block
             switches = self._take_prompt_switches()
-        for session, index in switches:
-            embeds = self.pipe.text_encoder.encode(session.prompts[index].prompt)
-            self.engine.set_prompt(session.session_id, embeds)
+        for session, future in switches:
+            self._set_prompt(session, future)
         with self._lock:
-            if not self._any_due():
-                return False
-        started = time.perf_counter()
-        with torch.no_grad():
-            latents = self.engine.step()
-        self._deliver(latents)
-        self.step_seconds.append(time.perf_counter() - started)
+            due, only = self._plan_step()
+        made = self._launch(only) if due else None
+        if made is None:
+            return False
+        if self._decode_stream is None:  # no second stream: decode now
+            made.wait()
+            self._deliver(made)
+            return True
+        self._in_flight = made
+        self._start_decoding()
+        self._decode_queue.put(made)  # bounded: a decode that falls behind holds the next launch back
         return True
 
-    def warm_up(self, blocks: int = 14, sessions: int = 1) -> None:
-        """Run throwaway sessions through first blocks, a full window, recaches while the window fills and
-        at every phase of the window ring, and (with checkpoints) a restore: compiles and autotunes the
-        shapes of `sessions` concurrent sessions, so neither a switch nor a failover compiles later."""
+    def drain(self) -> None:
+        """Wait until every launched block is delivered (the caller stops stepping)."""
+        if self._decode_thread is not None:
+            self._decode_queue.join()
+
+    def _start_decoding(self) -> None:
+        if self._decode_thread is None:
+            self._decode_thread = threading.Thread(target=self._decode_loop, name="decode", daemon=True)
+            self._decode_thread.start()
+
+    def _decode_loop(self) -> None:
+        """The decode thread (CUDA): each launched step's blocks, decoded on the decode stream while the
+        engine thread launches the next step, then delivered."""
+        while (made := self._decode_queue.get()) is not None:
+            try:
+                self._deliver(made)
+            except Exception:  # noqa: BLE001 - a bug: logged, and the next blocks still go out
+                logger.exception("delivering a step's blocks failed (a bug)")
+            finally:
+                self._decode_queue.task_done()
+        self._decode_queue.task_done()
+
+    def warm_up(self, sessions: int | None = None) -> None:
+        """Run every pass shape that up to `sessions` (default max_sessions) concurrent sessions can take:
+        first blocks, a window filling, steady blocks, batches that mix phases, recaches at every fill
+        phase and (with checkpoints) a restore. Compiles and autotunes them all, so neither a new viewer,
+        a switch nor a failover compiles later; the steady steps of each batch size are what admission
+        measures against real time."""
+        sessions = min(sessions or self.max_sessions, self.max_sessions)
         speed, self.playback_speed = self.playback_speed, 0.0
         idle, self.idle_timeout_s = self.idle_timeout_s, float("inf")  # compiling can take minutes
-        ids = [f"__warm_up_{i}__" for i in range(sessions)]
         try:
-            for sid in ids:
-                self.open(sid, "warm up")
-            filling = range(1, self.window_blocks + 1)  # recaches of 3..window frames (sink passes too)
-            for b in range(blocks):
-                if b in filling or blocks - 8 <= b < blocks - 4:  # then four ring phases
-                    for sid in ids:
-                        self.post_prompt(sid, f"warm up, switched at {b}")
-                self.run_once()
-                for sid in ids:
-                    while self.status(sid)["buffered_blocks"]:
-                        self.next_chunk(sid, timeout=0)
-            if self.checkpoints:
-                moved = [replace(self.checkpoint(sid), session_id=f"{sid}moved") for sid in ids]
-                for sid in ids:
-                    self.close(sid)
-                self.run_once()
-                for checkpoint in moved:
-                    self.restore(checkpoint)
-                    ids.append(checkpoint.session_id)
-                self.run_once()
-            for sid in ids:
-                self.close(sid)
-            self.run_once()
-            for sid in ids:
-                self.forget(sid)
+            for batch in range(1, sessions + 1):
+                self._warm_up_batch(batch)
+            self._costs.clear()  # compile time is no step cost: measure each batch size once compiled
+            for batch in range(1, sessions + 1 if self.realtime_margin is not None else 1):
+                self._measure_batch(batch)
             self.step_seconds.clear()  # compile-time steps say nothing about serving
+            if missing := self.unwarmed_shapes:
+                logger.warning("warm-up left pass shapes uncompiled: %s", sorted(missing))
+            self._graphs_at_ready = compiled_graphs()
         finally:
             self.playback_speed, self.idle_timeout_s = speed, idle
 
-    # -- internals ---------------------------------------------------------------------------------
+    def _warm_up_batch(self, batch: int) -> None:
+        ids = [f"__warm_up_{batch}_{i}__" for i in range(batch)]
+        for sid in ids:
+            self.open(sid, "warm up", paced=False)
+        for b in range(self.window_blocks + 3):
+            if batch == 1 and b >= 1:  # a recache at every fill phase, then steady ones
+                self.post_prompt(ids[0], f"warm up, switched at {b}")
+            self._warm_up_step(ids)
+        if batch > 1:
+            # One leaves and a new one joins (the last slot): its first block alone, as a new viewer's on a
+            # runtime whose live sessions have their lead (a barely moving playback clock), then a step
+            # mixing first and steady blocks.
+            self.close(ids[0])
+            ids.append(f"__warm_up_{batch}_{batch}__")
+            self.open(ids[-1], "warm up", paced=False)
+            with self._lock:
+                for sid in ids:
+                    self._sessions[sid].paced = True
+            self.playback_speed = 1e-9
+            self._warm_up_step(ids)
+            self.playback_speed = 0.0
+            self._warm_up_step(ids)
+        if batch == 1 and self.checkpoints:
+            moved = replace(self.checkpoint(ids[0]), session_id=f"{ids[0]}moved")
+            self.close(ids[0])
+            self._warm_up_step(ids)
+            self.restore(moved)
+            ids.append(moved.session_id)
+            self._warm_up_step(ids)
+        for sid in ids:
+            if not self._sessions[sid].ended:
+                self.close(sid)
+        self._warm_up_step(ids)
+        for sid in ids:
+            self.forget(sid)
+
+    def _measure_batch(self, batch: int, samples: int = 3) -> None:
+        """Steady steps of `batch` sessions (compiled already): what admission predicts from."""
+        ids = [f"__measure_{batch}_{i}__" for i in range(batch)]
+        for sid in ids:
+            self.open(sid, "warm up", paced=False)
+        for _ in range(self.window_blocks + 1):
+            self._warm_up_step(ids)
+        self._costs.pop(batch, None)
+        for _ in range(samples):
+            self._warm_up_step(ids)
+        for sid in ids:
+            self.close(sid)
+        self._warm_up_step(ids)
+        for sid in ids:
+            self.forget(sid)
+
+    def _warm_up_step(self, ids: list[str]) -> None:
+        with self._lock:  # each warm-up step runs what was asked for: its prompts encoded first
+            futures = [f for c in self._commands for f in c.needs]
+            futures += [f for sid in ids for f in self._sessions[sid].encoding.values()]
+        for future in futures:
+            future.exception()
+        self.run_once()
+        self.drain()
+        with self._lock:
+            for sid in ids:
+                self._sessions[sid].buffer.clear()
+                self._sessions[sid].last_read = self.clock()
+
+    # -- internals (engine thread, or under the lock where said) -----------------------------------
     def _live_count(self) -> int:
-        return sum(not s.finished for s in self.sessions.values())
+        return sum(not s.ended for s in self._sessions.values())
 
     def _get(self, session_id: str) -> LiveSession:
         try:
-            return self.sessions[session_id]
+            return self._sessions[session_id]
         except KeyError:
             raise UnknownSessionError(session_id) from None
 
-    def _join(self, session: LiveSession, prompt: int = 0) -> None:
-        if session.finished:
+    def _check_capacity(self, paced: bool) -> None:
+        """Under the lock: slots, then (live sessions) measured step time against real time."""
+        live = self._live_count()
+        if live >= self.max_sessions:
+            raise CapacityError(f"runtime runs its maximum of {self.max_sessions} sessions")
+        if not paced or not self.playback_speed or self.realtime_margin is None:
             return
-        embeds = self.pipe.text_encoder.encode(session.prompts[prompt].prompt)
-        self.engine.add_session(session.session_id, embeds, seed=session.seed, num_blocks=session.num_blocks)
-        session.decoder_stream = self.pipe.vae.new_stream()
-        session.joined = True
+        predicted = self._predicted_cost(live + 1)
+        budget = self.realtime_margin * self.block_seconds / self.playback_speed
+        if predicted is not None and predicted > budget:
+            raise CapacityError(
+                f"a step of {live + 1} sessions takes {predicted * 1e3:.0f} ms (measured), over the"
+                f" {budget * 1e3:.0f} ms that keeps every live session real time"
+            )
 
-    def _join_restored(self, session: LiveSession, cp: SessionCheckpoint) -> None:
-        if session.finished:
+    def _predicted_cost(self, sessions: int) -> float | None:
+        measured = {b: c for b, c in self._costs.items() if len(c) >= 3}
+        if sessions in measured:
+            return statistics.median(measured[sessions])
+        below = [b for b in measured if b < sessions]
+        if not below:
+            return None
+        b = max(below)
+        return statistics.median(measured[b]) * sessions / b
+
+    def _ready_commands(self) -> bool:
+        return any(c.ready() for c in self._commands)
+
+    def _take_ready_commands(self) -> list[_Command]:
+        ready, waiting = [], deque()
+        for command in self._commands:
+            (ready if command.ready() else waiting).append(command)
+        self._commands = waiting
+        return ready
+
+    def _join(self, session: LiveSession, first: Future[Tensor]) -> None:
+        if session.ended:
+            return
+        if (err := first.exception()) is not None:
+            self._fail(session, f"encoding its prompt failed: {err}")
+            return
+        self.engine.add_session(
+            session.session_id, self._embeds(first), seed=session.seed, num_blocks=session.num_blocks
+        )
+        session.decoder_stream = self.pipe.vae.new_stream()
+        with self._lock:
+            session.in_engine = True
+            session.move_to(SessionPhase.LIVE)
+
+    def _join_restored(
+        self, session: LiveSession, cp: SessionCheckpoint, current: int, sink_index: int
+    ) -> None:
+        if session.ended:
             return
         block = session.blocks_done
-        # The prompt in effect: the last applied at or before the resume block (a switch made at that very
-        # block is part of the restored state: the restore's recache pass is that switch's recache).
-        current = max(
-            i for i, e in enumerate(session.prompts) if e.block is not None and 0 <= e.block <= block
-        )
         if block == 0:
-            self._join(session, current)
+            self._join(session, session.encoding[current])
             return
-        sink_index, sink_frames = cp.sink_source(self.config, block)
         bf, window = self.config.block_frames, self.config.window_frames
         recent_blocks = [cp.latents[b] for b in range(max(0, block - self.window_blocks), block)]
         recent = torch.cat(recent_blocks, dim=1)
         sink_latents = None
         if self.config.global_sink and block * bf > window:
+            sink_frames = cp.sink_source(self.config, block)[1]
             sink_latents = torch.cat([cp.latents[b] for b in range(sink_frames // bf)], dim=1)
-        encode = self.pipe.text_encoder.encode
         self.engine.restore_session(
             session.session_id,
-            encode(session.prompts[current].prompt),
+            self._embeds(session.encoding[current]),
             session.seed,
             block,
             recent[:, -window:],
-            sink_prompt_embeds=encode(session.prompts[sink_index].prompt),
+            sink_prompt_embeds=self._embeds(session.encoding[sink_index]),
             sink_latents=sink_latents,
             num_blocks=session.num_blocks,
         )
         # The decoder carries a few frames of state: prime a fresh one with the latest blocks (block by
         # block: the shapes it already runs, no new compile).
         session.decoder_stream = self.pipe.vae.new_stream()
-        with torch.no_grad():
+        with torch.no_grad(), self._on_decode_stream():  # ordered before its blocks' decodes
             for latents in recent_blocks:
-                session.decoder_stream.decode(latents[None].to(self.pipe.vae_dtype))
-        session.kept = {b: cp.latents[b] for b in cp.latents if b < block}
-        session.joined = True
+                decode_block(
+                    session.decoder_stream, latents, self.pipe.vae_dtype, self.pipe.runtime.low_memory
+                )
+        with self._lock:
+            session.kept = {b: cp.latents[b] for b in cp.latents if b < block}
+            session.in_engine = True
+            session.move_to(SessionPhase.LIVE)
 
     def _leave(self, session: LiveSession) -> None:
-        if session.joined:
+        if session.in_engine:
             self.engine.remove_session(session.session_id)
-            session.joined = False
+            session.in_engine = False
         session.decoder_stream = None
+
+    def _fail(self, session: LiveSession, reason: str) -> None:
+        """The session ends with `reason` (it leaves the engine at the next step); the others go on."""
+        with self._lock:
+            if not session.ended:
+                session.move_to(SessionPhase.FAILED, reason)
+                self._commands.append(_Command(lambda: self._leave(session)))
+            self._wake.notify_all()
+
+    @staticmethod
+    def _embeds(future: Future[Tensor]) -> Tensor:
+        embeds = future.result()
+        if embeds.is_cuda:  # made on the encoder's stream, read on this one
+            embeds.record_stream(torch.cuda.current_stream(embeds.device))
+        return embeds
+
+    def _set_prompt(self, session: LiveSession, future: Future[Tensor]) -> None:
+        self.encoder.run_pending()  # an exact switch's prompt, submitted just now
+        if (err := future.exception()) is not None:  # waits for an exact (scheduled) switch's encoding
+            self._fail(session, f"encoding a prompt failed: {err}")
+            return
+        self.engine.set_prompt(session.session_id, self._embeds(future))
 
     def _playback_due(self, session: LiveSession, now: float) -> bool:
         if session.playback_start is None:
             return True
         played = (now - session.playback_start) * self.playback_speed
-        return video_frames(session.blocks_done * self.config.block_frames) / FPS < played + self.lead_seconds
+        return video_frames(session.blocks_made * self.config.block_frames) / FPS < played + self.lead_seconds
 
-    def _any_due(self) -> bool:
-        """Live (paced) sessions set the step rate whenever there are any: a step makes a block for every
-        session, so batch sessions then move at playback speed. Alone, batch sessions run flat out."""
-        now = self.clock()
-        active = [s for s in self.sessions.values() if s.joined and not s.finished]
+    def _active(self) -> list[LiveSession]:
+        return [s for s in self._sessions.values() if s.in_engine and not s.ended]
+
+    def _plan_step(self) -> tuple[bool, set[str] | None]:
+        """Under the lock: (a step is due, the sessions it makes blocks for; None: all). Live (paced)
+        sessions set the step rate whenever there are any: a step makes a block for every session, so
+        batch sessions then move at playback speed. Alone, batch sessions run flat out. Sessions that have
+        made no block yet step on their own while the others have their lead buffered."""
+        active = self._active()
+        if not active:
+            return False, None
         paced = [s for s in active if s.paced and self.playback_speed]
-        if paced:
-            return any(self._playback_due(s, now) for s in paced)
-        return bool(active)
+        if not paced:
+            return True, None
+        now = self.clock()
+        if any(self._playback_due(s, now) for s in paced if not s.fresh):
+            return True, None
+        fresh = {s.session_id for s in active if s.fresh}
+        return (True, fresh) if fresh else (False, None)
 
     def _seconds_until_due(self) -> float:
         waits = []
-        for s in self.sessions.values():
-            if (
-                s.joined
-                and not s.finished
-                and s.playback_start is not None
-                and self.playback_speed
-                and s.paced
-            ):
-                ahead = video_frames(s.blocks_done * self.config.block_frames) / FPS - self.lead_seconds
+        for s in self._active():
+            if s.playback_start is not None and self.playback_speed and s.paced:
+                ahead = video_frames(s.blocks_made * self.config.block_frames) / FPS - self.lead_seconds
                 waits.append(s.playback_start + ahead / self.playback_speed - self.clock())
         return max(0.0, min(waits, default=3600.0))
 
-    def _take_prompt_switches(self) -> list[tuple[LiveSession, int]]:
-        """The latest waiting prompt of each joined session (earlier ones are superseded: one recache)."""
+    def _take_prompt_switches(self) -> list[tuple[LiveSession, Future[Tensor]]]:
+        """Under the lock: per session, the switch to make before its next block. A restored session's
+        replays and a batch job's schedule apply exactly at their blocks (waiting for their encoding if it
+        must); a live session's latest posted prompt applies once encoded (earlier ones are superseded:
+        one recache)."""
         switches = []
-        for s in self.sessions.values():
+        now = time.time()
+        for s in self._active():
+            block = s.blocks_made
             if s.replay:  # a restored session makes its switches again first, at their blocks
-                if s.joined and not s.finished and s.blocks_done in s.replay:
-                    index = s.replay.pop(s.blocks_done)
-                    s.prompts[index].block = s.blocks_done
-                    s.prompts[index].applied_at = self.clock()
-                    switches.append((s, index))
+                if block in s.replay:
+                    index = s.replay.pop(block)
+                    s.prompts[index].block, s.prompts[index].applied_at = block, now
+                    switches.append((s, s.encoding[index]))
                 continue
-            if s.joined and not s.finished and s.blocks_done in s.scheduled:
-                s.prompts.append(TimelineEntry(s.scheduled.pop(s.blocks_done), self.clock()))
-                s.waiting.append(len(s.prompts) - 1)
-            if s.joined and not s.finished and s.waiting:
-                index = s.waiting[-1]
-                for skipped in s.waiting[:-1]:
-                    s.prompts[skipped].block = -1  # superseded before any block was made under it
-                s.waiting.clear()
-                s.prompts[index].block = s.blocks_done
-                s.prompts[index].applied_at = self.clock()
-                switches.append((s, index))
+            exact = block in s.scheduled
+            if exact:  # the schedule's prompt at its block, whatever was posted before
+                s.prompts.append(TimelineEntry(s.scheduled.pop(block), now))
+                index = len(s.prompts) - 1
+                s.encoding[index] = self.encoder.submit(s.prompts[index].prompt)
+                s.waiting.append(index)
+            if not s.waiting:
+                continue
+            index = s.waiting[-1]
+            if not s.encoding[index].done() and not exact:
+                continue  # encoding: applies at a later block, the others' steps do not wait
+            for skipped in s.waiting[:-1]:
+                s.prompts[skipped].block = -1  # superseded before any block was made under it
+            s.waiting.clear()
+            s.prompts[index].block, s.prompts[index].applied_at = block, now
+            switches.append((s, s.encoding.pop(index)))
         return switches
 
     def _close_idle(self) -> None:
-        """End sessions nobody reads; forget ended ones nobody asked about for as long."""
+        """Under the lock: end sessions nobody reads; forget ended ones nobody asked about for as long."""
         now = self.clock()
-        for s in list(self.sessions.values()):
+        for s in list(self._sessions.values()):
             if now - s.last_read <= self.idle_timeout_s:
                 continue
-            if s.finished and not s.joined:
-                del self.sessions[s.session_id]
-            elif not s.finished and s.playback_start is not None:
-                s.finished = True
-                s.error = f"closed: no client read for {self.idle_timeout_s:g} s"
-                self._commands.append(lambda s=s: self._leave(s))
+            if s.ended and not s.in_engine:
+                del self._sessions[s.session_id]
+            elif not s.ended and s.playback_start is not None:
+                s.move_to(SessionPhase.FAILED, f"closed: no client read for {self.idle_timeout_s:g} s")
+                self._commands.append(_Command(lambda s=s: self._leave(s)))
 
-    def _deliver(self, latents: dict[str, torch.Tensor]) -> None:
-        decoded, kept = {}, {}
-        for sid, block in latents.items():
-            session = self.sessions.get(sid)
-            if session is None or session.decoder_stream is None:
-                continue
-            with torch.no_grad():
-                video = session.decoder_stream.decode(block[None].to(self.pipe.vae_dtype))
-            decoded[sid] = to_uint8_frames(video)
-            if self.checkpoints and session.paced:  # the DiT's dtype: what a recache reads anyway
-                kept[sid] = block.to("cpu", self.pipe.transformer.dtype)
+    def _launch(self, only: set[str] | None) -> _InFlight:
+        begin = done = None
+        if self._decode_stream is not None:
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+        started = time.perf_counter()
+        with torch.no_grad():
+            latents = self.engine.step(only)
+        if self._decode_stream is not None:
+            done = torch.cuda.Event(enable_timing=True)
+            done.record()
+        with self._lock:
+            for sid in latents:
+                s = self._sessions[sid]
+                s.blocks_made += 1
+                s.fresh = False
+                if s.prompts[0].applied_at is None:
+                    s.prompts[0].applied_at = time.time()
+                if s.num_blocks is not None and s.blocks_made >= s.num_blocks:
+                    s.in_engine = False  # the engine drops it at its last block
+        return _InFlight(latents, started, done, begin)
+
+    def _on_decode_stream(self) -> contextlib.AbstractContextManager:
+        stream = self._decode_stream
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def _decode(self, session: LiveSession, block: Tensor) -> np.ndarray:
+        video = decode_block(session.decoder_stream, block, self.pipe.vae_dtype, self.pipe.runtime.low_memory)
+        frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return frames.permute(1, 2, 3, 0).cpu().numpy()
+
+    def _deliver(self, made: _InFlight) -> None:
+        """Decode a launched step's blocks (on the decode stream, overlapping the step launched after it)
+        and hand them to the sessions' buffers."""
+        started = time.perf_counter()
+        decoded: dict[str, np.ndarray] = {}
+        kept: dict[str, Tensor] = {}
+        failed: dict[str, str] = {}
+        stream = self._decode_stream
+        with self._lock:
+            sessions = {sid: self._sessions.get(sid) for sid in made.latents}
+        with torch.no_grad(), self._on_decode_stream():
+            if stream is not None:
+                stream.wait_event(made.done)
+            for sid, block in made.latents.items():
+                session = sessions[sid]
+                if session is None or session.decoder_stream is None:
+                    continue
+                if stream is not None:
+                    block.record_stream(stream)
+                try:
+                    decoded[sid] = self._decode(session, block)
+                except (RuntimeError, ValueError) as err:  # e.g. out of memory: this session fails alone
+                    logger.exception("decoding block %d of %s failed", session.blocks_done, sid)
+                    failed[sid] = f"decode failed: {err}"
+                    continue
+                if self.checkpoints and session.paced:  # the DiT's dtype: what a recache reads anyway
+                    kept[sid] = block.to("cpu", self.pipe.transformer.dtype)
+        decode_seconds = time.perf_counter() - started
+        made.wait()
+        # Overlapped, the DiT (timed on the GPU, slowed by the decode beside it) and the decode share
+        # the step's time; in series they add up.
+        overlapped = stream is not None
+        cost = max(made.dit_seconds, decode_seconds) if overlapped else made.dit_seconds + decode_seconds
+        self.step_seconds.append(cost)
         now = self.clock()
         with self._lock:
+            self._costs.setdefault(len(made.latents), deque(maxlen=COST_SAMPLES)).append(cost)
             for sid, frames in decoded.items():
-                s = self.sessions[sid]
-                applied = [
-                    i
-                    for i, p in enumerate(s.prompts)
-                    if p.block is not None and 0 <= p.block <= s.blocks_done
-                ]
-                chunk = Chunk(s.blocks_done, s.frames_done, frames, max(applied, default=0))
-                if len(s.buffer) >= self.buffer_blocks:
-                    s.buffer.popleft()
-                    s.dropped_blocks += 1
-                s.buffer.append(chunk)
-                if sid in kept:
-                    s.kept[s.blocks_done] = kept[sid]
-                    oldest = s.blocks_done - self.window_blocks - ROLLBACK_BLOCKS
-                    if oldest >= self.window_blocks:  # the first blocks stay: the sink was made of them
-                        s.kept.pop(oldest, None)
-                s.blocks_done += 1
-                s.frames_done += len(frames)
-                self.frames_made += len(frames)
-                if s.playback_start is None:
-                    s.playback_start = now
-                if s.num_blocks is not None and s.blocks_done >= s.num_blocks:
-                    s.finished = True
-                    s.joined = False  # the engine drops it at its last block
-                    s.decoder_stream = None
+                self._hand_over(self._sessions[sid], frames, kept.get(sid), now)
             self._wake.notify_all()
+        for sid, reason in failed.items():
+            self._fail(self._sessions[sid], reason)
+
+    def _hand_over(self, s: LiveSession, frames: np.ndarray, kept: Tensor | None, now: float) -> None:
+        """Under the lock: one decoded block into the session's buffer."""
+        applied = [
+            i for i, p in enumerate(s.prompts) if p.block is not None and 0 <= p.block <= s.blocks_done
+        ]
+        chunk = Chunk(s.blocks_done, s.frames_done, frames, max(applied, default=0))
+        if len(s.buffer) >= self.buffer_blocks:
+            s.buffer.popleft()
+            s.dropped_blocks += 1
+        s.buffer.append(chunk)
+        if kept is not None:
+            s.kept[s.blocks_done] = kept
+            oldest = s.blocks_done - self.window_blocks - ROLLBACK_BLOCKS
+            if oldest >= self.window_blocks:  # the first blocks stay: the sink was made of them
+                s.kept.pop(oldest, None)
+        if s.playback_start is None:
+            s.playback_start = now
+        elif s.paced and self.playback_speed:
+            due = s.playback_start + s.frames_done / FPS / self.playback_speed
+            if now > due:
+                s.stalled_blocks += 1
+                self.stalled_blocks += 1
+        s.blocks_done += 1
+        s.frames_done += len(frames)
+        self.frames_made += len(frames)
+        if s.num_blocks is not None and s.blocks_done >= s.num_blocks and not s.ended:
+            s.move_to(SessionPhase.ENDED, "finished")
+            s.decoder_stream = None
 
 
-def _state(session: LiveSession) -> str:
-    if session.error:
-        return "error"
-    if session.finished:
-        return "ended"
-    return "live" if session.joined else "queued"
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _check_prompt(prompt: str) -> None:
+    if not prompt or not prompt.strip():
+        raise ValueError("prompt must not be empty")

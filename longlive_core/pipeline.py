@@ -16,7 +16,6 @@ from .config import GenerationConfig, RuntimeConfig
 from .models.transformer_causal_wan import CausalWanTransformer
 from .random_models import random_full_size, tiny_random
 from .schedule import PromptChange, blocks_for_seconds, switch_block, validate_schedule, video_frames
-from .session import GenerationSession
 from .text_encoder import TextEncoder
 from .weights import ModelFiles, load_transformer, merge_lora_file, resolve_model_files
 
@@ -36,12 +35,6 @@ def check_size(size: tuple[int, int], multiple: int = 16) -> tuple[int, int]:
     return width, height
 
 
-def to_uint8_frames(video: Tensor) -> np.ndarray:
-    """[1, 3, T, H, W] in [-1, 1] -> [T, H, W, 3] uint8."""
-    video = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return video.permute(1, 2, 3, 0).cpu().numpy()
-
-
 @dataclass(frozen=True)
 class VideoPlan:
     """What a request turns into: the number of blocks and the block each prompt starts at."""
@@ -56,13 +49,27 @@ class VideoPlan:
         return None if self.num_blocks is None else video_frames(self.num_blocks * self.block_frames)
 
 
+def decode_block(decoder_stream, latents: Tensor, dtype: torch.dtype, per_frame: bool) -> Tensor:
+    """The one decode path: a block's clean latents [C, F, h, w] -> video [1, 3, T, H, W] in [-1, 1],
+    continuing `decoder_stream`'s video. per_frame (low-memory mode): one latent frame per pass; the
+    decoders carry their state frame by frame, so the frames equal those of one pass, with a third of the
+    activations alive at once."""
+    block = latents[None].to(dtype)
+    if not per_frame:
+        return decoder_stream.decode(block)
+    return torch.cat([decoder_stream.decode(block[:, :, i : i + 1]) for i in range(block.shape[2])], dim=2)
+
+
 class VideoStream:
     """Iterate to get uint8 frame chunks [n, H, W, 3], one per block; `set_prompt` steers it live.
 
+    A view of one unpaced session on a StreamingRuntime of its own, which iterating steps.
     overlap_decode (CUDA only): decode block k on a second CUDA stream while the DiT makes block k+1.
     Faster for whole videos, but a prompt set after chunk k then shows from block k+2, not k+1: keep it
-    off for live sessions.
+    off to steer a stream by hand.
     """
+
+    SESSION_ID = "stream"
 
     def __init__(
         self,
@@ -72,87 +79,55 @@ class VideoStream:
         size: tuple[int, int],
         overlap_decode: bool = False,
     ):
-        self.pipe = pipe
+        from .live import StreamingRuntime
+
         self.plan = plan
-        width, height = size
         config = pipe.generation_config
         max_frames = pipe.transformer.config.rope_max_positions
         if plan.num_blocks is None or plan.num_blocks * config.block_frames > max_frames:
             # Absolute RoPE stops at 1024 latent frames (~4 min): longer or open-ended -> relative.
             config = config.with_(rope_mode="relative")
-        self.session = GenerationSession(
-            pipe.transformer,
-            config,
-            (height // VAE_STRIDE, width // VAE_STRIDE),
-            pipe.text_encoder.encode(plan.switches[0]),
-            seed=seed,
-            runtime=pipe.runtime,
+        self.runtime = StreamingRuntime(
+            pipe,
+            max_sessions=1,
+            size=size,
+            playback_speed=0,
+            idle_timeout_s=float("inf"),
+            config=config,
+            overlap_decode=overlap_decode,
         )
-        self.decoder_stream = pipe.vae.new_stream()
-        on_cuda = pipe.transformer.device.type == "cuda"
-        self.side_stream = torch.cuda.Stream(pipe.transformer.device) if overlap_decode and on_cuda else None
-        self.blocks_generated = 0
+        switches = dict(plan.switches)
+        self.prompt = switches.pop(0)
+        self.runtime.open(
+            self.SESSION_ID, self.prompt, seed, num_blocks=plan.num_blocks, scheduled=switches, paced=False
+        )
         self.blocks_done = 0  # blocks decoded and returned
         self.frames_done = 0
-        self.prompt = plan.switches[0]
-        self._pending: tuple[Tensor, torch.cuda.Event | None] | None = None
 
     def set_prompt(self, prompt: str) -> None:
         """Takes effect at the next block boundary (KV-recache)."""
-        self.session.set_prompt(self.pipe.text_encoder.encode(prompt))
+        self.runtime.post_prompt(self.SESSION_ID, prompt)
         self.prompt = prompt
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
 
-    def _more_to_generate(self) -> bool:
-        return self.plan.num_blocks is None or self.blocks_generated < self.plan.num_blocks
-
-    def _generate(self) -> tuple[Tensor, torch.cuda.Event | None]:
-        """Queue the next block's DiT work; returns its latents [C, f, h, w] and a 'done' event."""
-        if self.blocks_generated > 0 and self.blocks_generated in self.plan.switches:
-            self.set_prompt(self.plan.switches[self.blocks_generated])
-        with torch.no_grad():
-            latents = self.session.next_block()
-        self.blocks_generated += 1
-        event = None
-        if self.side_stream is not None:
-            event = torch.cuda.Event()
-            event.record()
-        return latents, event
-
-    def _decode(self, latents: Tensor, event: torch.cuda.Event | None) -> np.ndarray:
-        if self.side_stream is None:
-            return self._decode_on_current_stream(latents)
-        with torch.cuda.stream(self.side_stream):
-            self.side_stream.wait_event(event)  # this block's latents, not the block queued after it
-            latents.record_stream(self.side_stream)
-            return self._decode_on_current_stream(latents)
-
-    @torch.no_grad()
-    def _decode_on_current_stream(self, latents: Tensor) -> np.ndarray:
-        block = latents[None].to(self.pipe.vae_dtype)
-        if not self.pipe.runtime.low_memory:
-            return to_uint8_frames(self.decoder_stream.decode(block))
-        # One latent frame per pass: the decoders carry their state frame by frame, so the frames equal
-        # those of one pass, with a third of the activations alive at once.
-        parts = [self.decoder_stream.decode(block[:, :, i : i + 1]) for i in range(block.shape[2])]
-        return to_uint8_frames(torch.cat(parts, dim=2))
-
     def __next__(self) -> np.ndarray:
-        if self._pending is None:
-            if not self._more_to_generate():
+        while True:
+            try:
+                chunk = self.runtime.next_chunk(self.SESSION_ID, timeout=0)
+            except TimeoutError:
+                if not self.runtime.run_once(max_wait=0):
+                    self.runtime.drain()
+                continue
+            if chunk is None:
+                status = self.runtime.status(self.SESSION_ID)
+                if status["error"]:
+                    raise RuntimeError(f"generation failed: {status['error']}")
                 raise StopIteration
-            self._pending = self._generate()
-        current = self._pending
-        # With overlap, queue block k+1 on the GPU before decoding block k on the side stream.
-        self._pending = (
-            self._generate() if self.side_stream is not None and self._more_to_generate() else None
-        )
-        frames = self._decode(*current)
-        self.blocks_done += 1
-        self.frames_done += len(frames)
-        return frames
+            self.blocks_done += 1
+            self.frames_done += len(chunk.frames)
+            return chunk.frames
 
 
 class LongLivePipeline:

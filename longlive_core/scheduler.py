@@ -152,7 +152,9 @@ class Scheduler:
         return bool(self.running or self.waiting or self._leaving)
 
     # -- the step --------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, only: set[str] | None = None) -> SchedulerOutput:
+        """only: step just these running sessions (with the ones joining now), if their slots are
+        contiguous (a batch is a slice of the cache); otherwise, or when None, every running session."""
         out = SchedulerOutput()
         # 1. Departures: free slots and keep the running sessions compact in slots 0..k-1.
         for session_id in self._leaving:
@@ -179,8 +181,15 @@ class Scheduler:
             if state.committed_frames:
                 sink_plan, plan = state.layout.plan_restore(state.committed_frames, state.sink_frames)
                 out.restores.append(RestoreWork(session_id, state.slot, sink_plan, plan))
-        # 3. Prompt switches, then one block for every running session.
-        for session_id in self.running:
+        # 3. Prompt switches, then one block for every stepped session.
+        stepped = self.running
+        if only is not None:
+            joined = {n.session_id for n in out.new_sessions}
+            chosen = [sid for sid in self.running if sid in only or sid in joined]
+            slots = [self.sessions[sid].slot for sid in chosen]
+            if chosen and slots == list(range(slots[0], slots[0] + len(slots))):
+                stepped = chosen
+        for session_id in stepped:
             state = self.sessions[session_id]
             if state.prompt_version != state.applied_version:
                 state.applied_version = state.prompt_version

@@ -46,6 +46,8 @@ def deploy(redis_url: str, replicas: int, s3_endpoint: str) -> None:
         rate_limit_per_minute=RATE_LIMIT,
         max_session_seconds=3000,  # the operator's limit, tighter than the API's 3600
         trust_forwarded_for=True,
+        warm_up_sessions=1,  # nothing is compiled on the CPU: one batch size is warm-up enough
+        realtime_admission=False,  # a loaded CI machine's tiny steps must not turn sessions away
     )
     deploy_shipped_app(args, replicas)
 

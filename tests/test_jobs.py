@@ -1,5 +1,5 @@
-"""Batch jobs: Redis Streams queue, workers on a LiveHost, fMP4 spooled then multipart-uploaded to a real
-S3 endpoint (moto's server mode), a killed worker's job reclaimed, cancel, dead letters, idempotency;
+"""Batch jobs: Redis Streams queue, workers on a StreamingRuntime, fMP4 spooled then multipart-uploaded to
+a real S3 endpoint (moto's server mode), a killed worker's job reclaimed, cancel, dead letters, idempotency;
 S3 down at upload time, Redis killed and restarted mid-job, a restarted worker uploading its spool."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from jobs.queue import DEAD, GROUP, STREAM, JobQueue
 from jobs.schemas import SubmitJob
 from jobs.storage import S3Store
 from jobs.worker import JobWorker, frames_total, video_key
-from longlive_core.live import LiveHost
+from longlive_core.live import StreamingRuntime
 from longlive_core.pipeline import LongLivePipeline
 from tests.serving import RedisServer, free_port, redis_server
 
@@ -89,7 +89,7 @@ def job(seconds: float, **extra) -> SubmitJob:
 
 def start_worker(pipe, queue, store, consumer: str, spool_dir: Path | None = None, **options) -> JobWorker:
     """A standalone worker; its own spool directory unless given; `options`: retry_s, retry_max_s."""
-    host = LiveHost(pipe, max_sessions=1, size=SIZE)
+    host = StreamingRuntime(pipe, max_sessions=1, size=SIZE)
     spool_dir = spool_dir or Path(tempfile.mkdtemp(prefix="spool-"))
     worker = JobWorker(host, queue, store, consumer, drive_engine=True, spool_dir=spool_dir, **options)
     worker.start()
@@ -345,7 +345,7 @@ def test_a_restarted_worker_uploads_the_spooled_video_instead_of_generating_it(
         second.shutdown()
     assert record["state"] == "done" and record["consumer"] == "w-second" and int(record["attempts"]) == 1
     assert messages(caplog, f"job {job_id}: its video is spooled already")
-    assert not second.host.sessions  # it opened no session: nothing was generated again
+    assert not second.host.snapshot()  # it opened no session: nothing was generated again
     body = store.client.get_object(Bucket=BUCKET, Key=video_key(job_id))["Body"].read()
     assert count_frames(body) == frames_total(5) and not list(spool.iterdir())
 

@@ -1,4 +1,4 @@
-"""LiveHost: several live sessions on one engine give the frames of the single-session pipeline."""
+"""StreamingRuntime: several live sessions on one engine give the frames of the single-session pipeline."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from longlive_core.live import CapacityError, LiveHost, UnknownSessionError
+from longlive_core.live import CapacityError, StreamingRuntime, UnknownSessionError
 from longlive_core.pipeline import LongLivePipeline
 
 SIZE = (48, 32)
@@ -33,7 +33,7 @@ def pipeline_video(pipe, prompt: str, seed: int, blocks: int, switch: tuple[int,
 
 
 def test_batched_live_sessions_equal_the_pipeline_with_the_same_switches(pipe):
-    host = LiveHost(pipe, max_sessions=3, size=SIZE, playback_speed=0)
+    host = StreamingRuntime(pipe, max_sessions=3, size=SIZE, playback_speed=0)
     host.open("a", RED, seed=4)
     host.open("b", SEA, seed=9)
     chunks_a, chunks_b = [], []
@@ -57,7 +57,7 @@ def test_batched_live_sessions_equal_the_pipeline_with_the_same_switches(pipe):
 
 
 def test_capacity_unknown_sessions_and_bad_input(pipe):
-    host = LiveHost(pipe, max_sessions=1, size=SIZE, playback_speed=0)
+    host = StreamingRuntime(pipe, max_sessions=1, size=SIZE, playback_speed=0)
     host.open("a", RED)
     with pytest.raises(CapacityError):
         host.open("b", RED)
@@ -74,7 +74,7 @@ def test_capacity_unknown_sessions_and_bad_input(pipe):
 
 
 def test_duration_limit_ends_the_session_and_frees_its_slot(pipe):
-    host = LiveHost(pipe, max_sessions=1, size=SIZE, playback_speed=0)
+    host = StreamingRuntime(pipe, max_sessions=1, size=SIZE, playback_speed=0)
     host.open("a", RED, max_seconds=1.0)  # 16 frames -> 2 blocks (21 frames)
     frames = 0
     while host.status("a")["state"] != "ended":
@@ -86,7 +86,7 @@ def test_duration_limit_ends_the_session_and_frees_its_slot(pipe):
 
 def test_pacing_keeps_generation_just_ahead_of_playback(pipe):
     now = [0.0]
-    host = LiveHost(pipe, max_sessions=1, size=SIZE, lead_seconds=1.0, clock=lambda: now[0])
+    host = StreamingRuntime(pipe, max_sessions=1, size=SIZE, lead_seconds=1.0, clock=lambda: now[0])
     host.open("a", RED)
     for _ in range(6):
         host.run_once(max_wait=0)
@@ -99,7 +99,7 @@ def test_pacing_keeps_generation_just_ahead_of_playback(pipe):
 
 
 def test_slow_client_loses_old_blocks_not_the_others_progress(pipe):
-    host = LiveHost(pipe, max_sessions=2, size=SIZE, playback_speed=0, buffer_blocks=2)
+    host = StreamingRuntime(pipe, max_sessions=2, size=SIZE, playback_speed=0, buffer_blocks=2)
     host.open("slow", RED)
     host.open("fast", SEA)
     got = []
@@ -112,7 +112,7 @@ def test_slow_client_loses_old_blocks_not_the_others_progress(pipe):
 
 
 def test_engine_thread_and_reader_threads(pipe):
-    host = LiveHost(pipe, max_sessions=1, size=SIZE, playback_speed=0)
+    host = StreamingRuntime(pipe, max_sessions=1, size=SIZE, playback_speed=0)
     stop = threading.Event()
     thread = threading.Thread(target=lambda: [host.run_once() for _ in iter(stop.is_set, True)], daemon=True)
     thread.start()
@@ -129,7 +129,7 @@ def test_engine_thread_and_reader_threads(pipe):
 
 def test_scheduled_prompts_apply_exactly_at_their_blocks_unpaced(pipe):
     now = [0.0]  # a frozen playback clock: only an unpaced session can get ahead of it
-    host = LiveHost(pipe, max_sessions=2, size=SIZE, lead_seconds=0.5, clock=lambda: now[0])
+    host = StreamingRuntime(pipe, max_sessions=2, size=SIZE, lead_seconds=0.5, clock=lambda: now[0])
     host.open("job", RED, seed=4, max_seconds=3, scheduled={2: FOREST}, paced=False)
     host.open("live", SEA, seed=9)
     for _ in range(5):
@@ -145,7 +145,7 @@ def test_scheduled_prompts_apply_exactly_at_their_blocks_unpaced(pipe):
     assert np.abs(np.concatenate([c.frames for c in chunks]).astype(int) - expected).max() <= 1
 
 
-def run_until(host: LiveHost, sid: str, blocks: int, posts: dict[int, str], read_upto: int) -> list:
+def run_until(host: StreamingRuntime, sid: str, blocks: int, posts: dict[int, str], read_upto: int) -> list:
     """Step until `blocks` blocks exist; post prompts before given blocks; read chunks below read_upto."""
     chunks, start = [], host.status(sid)["blocks_done"]
     while host.status(sid)["blocks_done"] < blocks:
@@ -165,8 +165,8 @@ def test_a_restored_session_resumes_where_the_viewer_is_with_its_prompts(pipe):
     re-posted at block 7. Decoded frames differ only by the primed decoder's warm-up."""
     from longlive_core.checkpoint import SessionCheckpoint, tensor_bytes
 
-    def host() -> LiveHost:
-        return LiveHost(pipe, max_sessions=2, size=SIZE, playback_speed=0, checkpoints=True)
+    def host() -> StreamingRuntime:
+        return StreamingRuntime(pipe, max_sessions=2, size=SIZE, playback_speed=0, checkpoints=True)
 
     a = host()
     a.open("s", RED, seed=4)

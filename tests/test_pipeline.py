@@ -53,7 +53,7 @@ def test_stream_with_a_live_switch_equals_the_schedule(pipe):
 def test_open_ended_stream_uses_relative_rope(pipe):
     stream = pipe.stream("waves on a beach", seconds=None, size=SIZE)
     assert stream.plan.num_blocks is None
-    assert stream.session.engine.config.rope_mode == "relative"
+    assert stream.runtime.config.rope_mode == "relative"
     assert len(next(stream)) == 9 and len(next(stream)) == 12
 
 
