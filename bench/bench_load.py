@@ -33,7 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import command_line, emit  # noqa: E402
-from jobs.worker import frames_total  # noqa: E402
+from longlive_core.schedule import frames_total  # noqa: E402
 from tests.serving import deploy_shipped_app, free_port, running_redis, wait_ready  # noqa: E402
 
 BUCKET = "longlive-videos"

@@ -27,6 +27,7 @@ from longlive_core.live import CapacityError, SessionPhase, SessionView, Streami
 
 from .checkpoints import CheckpointStore
 from .config import ServiceConfig
+from .errors import ReplicaFull, SessionMoved, SessionNotHere
 from .metrics import log, metrics
 from .store import ReplicaEvents
 
@@ -38,18 +39,6 @@ REDIS_RETRY_S = 0.5  # while Redis is away
 SAMPLE_PERIOD_S = 1.0  # gauges, the replica's admin info and the queue depth
 SESSION_FPS_PERIOD_S = 2.0
 MOVED_REMEMBERED = 10_000
-
-
-class SessionNotHere(Exception):
-    """The session is not on this replica (unknown, or its replica is gone)."""
-
-
-class ReplicaFull(Exception):
-    """This replica runs its maximum number of sessions."""
-
-
-class SessionMoved(Exception):
-    """Another replica took the session over (this one was presumed gone): continue the stream there."""
 
 
 def build_host(config: ServiceConfig) -> StreamingRuntime:

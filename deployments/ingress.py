@@ -14,10 +14,10 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from jobs.schemas import JobCreated, JobStatus, SubmitJob
-from jobs.worker import frames_total
+from longlive_core.schedule import frames_total
 
 from .config import ServiceConfig
-from .generator import ReplicaFull, SessionMoved, SessionNotHere
+from .errors import ReplicaFull, SessionMoved, SessionNotHere
 from .metrics import log, metrics
 from .schemas import CreateSession, PostPrompt, Problem, PromptPosted, SessionCreated, SessionStatus
 from .security import install

@@ -28,7 +28,7 @@ from typing import TypeVar
 
 from longlive_core.fmp4 import FragmentedMp4Encoder
 from longlive_core.live import StreamingRuntime
-from longlive_core.schedule import blocks_for_seconds, switch_block, video_frames
+from longlive_core.schedule import frames_total, switch_block
 
 from .queue import ENDED, UNREACHABLE, Claimed, JobQueue
 from .storage import LocalStore, S3Store, Stopped, transient
@@ -40,10 +40,6 @@ T = TypeVar("T")
 
 def video_key(job_id: str) -> str:
     return f"videos/{job_id}.mp4"
-
-
-def frames_total(seconds: float, block_frames: int = 3) -> int:
-    return video_frames(blocks_for_seconds(seconds, block_frames) * block_frames)
 
 
 def default_spool_dir() -> Path:

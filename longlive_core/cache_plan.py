@@ -43,6 +43,25 @@ class CacheLayout:
         self.slot_frames = [EMPTY] * config.window_frames
         self.sink_start = 0  # first frame of the sink (moves only on a recache with global_sink off)
 
+    # -- state (plain data: checkpoints load with torch.load(weights_only=True), no pickle) --------------
+    def state_dict(self) -> dict:
+        return {
+            "first_frame": self.first_frame,
+            "slot_frames": list(self.slot_frames),
+            "sink_start": self.sink_start,
+        }
+
+    @classmethod
+    def from_state_dict(cls, config: GenerationConfig, max_positions: int, state: dict) -> CacheLayout:
+        layout = cls(config, max_positions, state["first_frame"])
+        if len(state["slot_frames"]) != config.window_frames:
+            raise ValueError(
+                f"cache layout has {len(state['slot_frames'])} slots, the window {config.window_frames}"
+            )
+        layout.slot_frames = list(state["slot_frames"])
+        layout.sink_start = state["sink_start"]
+        return layout
+
     # -- slot arithmetic -------------------------------------------------------------------------
     def slot_of(self, frame: int) -> int:
         sink, window = self.config.sink_frames, self.config.window_frames

@@ -1,10 +1,15 @@
-"""The `longlive` command: `generate` a video to MP4, `download` weights."""
+"""The core's `longlive` commands: `generate` a video to MP4, `download` weights.
+
+The installed `longlive` (deployments/cli.py) adds the service's commands to these; the core never
+imports the service.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .schedule import FPS, PromptChange, ScheduleError, load_schedule, validate_schedule
@@ -13,6 +18,7 @@ from .weights import BUILTIN_MODELS, NAMED_MODELS, MissingWeightsError
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 DEFAULT_SECONDS = 5.0
 SECONDS_AFTER_LAST_SWITCH = 10.0
+Command = Callable[[argparse.Namespace], int]
 
 
 class CliError(Exception):
@@ -31,7 +37,8 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The parser with the core's commands, and its subparsers for others to add theirs."""
     parser = argparse.ArgumentParser(prog="longlive", description="Real-time long text-to-video (LongLive).")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -68,19 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("-o", "--output", type=Path, default=Path("longlive.mp4"))
 
-    srv = sub.add_parser("serve", help="run the session service on this machine (Ray Serve)")
-    srv.add_argument("--config", type=Path, default=Path("serve_config.yaml"), help="Ray Serve config file")
-    srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
-    srv.add_argument("--host", default=None, help="HTTP host (default: the config's)")
-
-    st = sub.add_parser("status", help="the running service's Generator replicas, sessions and load")
-    st.add_argument("--url", default="http://127.0.0.1:8000", help="the service's base URL")
-    st.add_argument("--api-key", default=None, help="X-API-Key (default: the env LONGLIVE_API_KEY)")
-    st.add_argument("--json", action="store_true", help="print the admin endpoint's JSON")
-
     dl = sub.add_parser("download", help="fetch and verify a model's weights into the local cache")
     dl.add_argument("model", nargs="?", default="longlive-1.3b", choices=[*NAMED_MODELS, *BUILTIN_MODELS])
-    return parser
+    return parser, sub
 
 
 def _entries(args: argparse.Namespace) -> tuple[list[PromptChange], list[str], float]:
@@ -164,56 +161,10 @@ def download(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve(args: argparse.Namespace) -> int:
+def run(parser: argparse.ArgumentParser, commands: dict[str, Command], argv: list[str] | None) -> int:
+    """Parse `argv` and run its command; a known failure is one line on stderr and an exit code."""
+    args = parser.parse_args(argv)
     try:
-        from deployments.local import serve_forever
-    except ImportError as exc:
-        raise CliError(f"the service needs the serve extra: pip install 'longlive[serve]' ({exc})") from None
-    try:
-        serve_forever(args.config, args.port, args.host)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    return 0
-
-
-def status(args: argparse.Namespace) -> int:
-    """GET /v1/admin/replicas of a running service and print it as a table."""
-    import json
-    import os
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(f"{args.url.rstrip('/')}/v1/admin/replicas")
-    key = args.api_key or os.environ.get("LONGLIVE_API_KEY")
-    if key:
-        request.add_header("X-API-Key", key)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            info = json.load(response)
-    except urllib.error.HTTPError as exc:
-        raise CliError(f"{args.url} answered {exc.code}: {exc.read().decode(errors='replace')}", 1) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise CliError(f"{args.url} does not answer: {exc}", 1) from None
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(f"{'replica':<34} {'load':>9} {'fps':>7} {'job':<24} sessions")
-    for r in info["replicas"]:
-        load = f"{r.get('load', 0)}/{r.get('capacity', 0)}"
-        job = r.get("job") or "-"
-        sessions = ", ".join(r.get("sessions", [])) or "-"
-        print(f"{r.get('replica', '?'):<34} {load:>9} {r.get('fps', 0):>7.1f} {job:<24} {sessions}")
-    print(
-        f"{len(info['replicas'])} replica(s), {info['sessions']} live session(s) of {info['capacity']} "
-        f"slots, {info['jobs_queued']} job(s) queued"
-    )
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        commands = {"generate": generate, "download": download, "serve": serve, "status": status}
         return commands[args.command](args)
     except (
         CliError,
@@ -228,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             code = EXIT_FAILURE
         print(f"longlive: error: {exc}", file=sys.stderr)
         return code
+
+
+COMMANDS: dict[str, Command] = {"generate": generate, "download": download}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, _ = build_parser()
+    return run(parser, COMMANDS, argv)
 
 
 if __name__ == "__main__":

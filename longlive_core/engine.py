@@ -8,7 +8,6 @@ comes from host-side plans, never read back from the device.
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import dataclass
 
 import torch
@@ -199,18 +198,23 @@ class Engine:
 
     # -- state (training checkpoints) --------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything a step reads: caches, clean-latent history, prompts and the scheduler (pickled: it
-        is torch-free plain data). Restoring it continues the sessions bit for bit."""
+        """Everything a step reads: caches, clean-latent history, prompts and the scheduler. Tensors and
+        plain data only, so it loads with torch.load(weights_only=True). Restoring it continues the
+        sessions bit for bit."""
         if self._restoring:
             raise RuntimeError("sessions are waiting to be restored; step once before saving")
         return {
             "cache": [t.detach().cpu() for t in self.cache.tensors()],
             "history": self.history.cpu(),
             "prompts": {k: v.cpu() for k, v in self.prompts.items()},
-            "scheduler": pickle.dumps(self.scheduler),
+            "scheduler": self.scheduler.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        # The scheduler first: a refused state leaves the engine as it was.
+        scheduler = Scheduler.from_state_dict(
+            self.config, self.scheduler.max_sessions, self.scheduler.max_positions, state["scheduler"]
+        )
         tensors = self.cache.tensors()
         if len(state["cache"]) != len(tensors) or state["history"].shape != self.history.shape:
             raise ValueError("engine state is for another model, window or number of sessions")
@@ -218,7 +222,7 @@ class Engine:
             dst.copy_(src)
         self.history.copy_(state["history"])
         self.prompts = {k: v.to(self.model.device, self.model.dtype) for k, v in state["prompts"].items()}
-        self.scheduler = pickle.loads(state["scheduler"])  # our own checkpoint, never a download
+        self.scheduler = scheduler
         self._restoring = {}
 
     def _execute(self, out: SchedulerOutput, exit_step: int | None = None) -> dict[str, Tensor]:

@@ -79,6 +79,11 @@ def blocks_for_seconds(seconds: float, block_frames: int, fps: int = FPS) -> int
     return blocks
 
 
+def frames_total(seconds: float, block_frames: int = 3) -> int:
+    """Video frames of a `seconds`-long video (what a job makes and its status counts up to)."""
+    return video_frames(blocks_for_seconds(seconds, block_frames) * block_frames)
+
+
 def switch_block(at: float, block_frames: int, fps: int = FPS) -> int:
     """The first block whose first video frame is at or after `at` seconds."""
     block = 0

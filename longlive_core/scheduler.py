@@ -8,7 +8,7 @@ when a session leaves, the one in the last slot moves into the hole.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .cache_plan import CacheLayout, PassPlan
 from .config import GenerationConfig
@@ -27,6 +27,15 @@ class SessionState:
     applied_version: int = 0  # the version the cache was last built under
     finished: bool = False
     sink_frames: int = 0  # restored sessions: frames of the pass that last wrote the sink (0: not restored)
+
+    def state_dict(self) -> dict:
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layout"}
+        return {**plain, "layout": self.layout.state_dict()}
+
+    @classmethod
+    def from_state_dict(cls, config: GenerationConfig, max_positions: int, state: dict) -> SessionState:
+        plain = {k: v for k, v in state.items() if k != "layout"}
+        return cls(**plain, layout=CacheLayout.from_state_dict(config, max_positions, state["layout"]))
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,9 @@ class SchedulerOutput:
         return not any(parts)
 
 
+STATE_VERSION = 1  # of Scheduler.state_dict: bump on any change to its keys or their meaning
+
+
 class Scheduler:
     def __init__(self, config: GenerationConfig, max_sessions: int, max_positions: int):
         if max_sessions < 1:
@@ -150,6 +162,43 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self._leaving)
+
+    # -- state (plain data: checkpoints load with torch.load(weights_only=True), no pickle) --------------
+    def state_dict(self) -> dict:
+        """Versioned, JSON-able: everything `from_state_dict` needs to continue every session."""
+        return {
+            "version": STATE_VERSION,
+            "sessions": [state.state_dict() for state in self.sessions.values()],
+            "waiting": list(self.waiting),
+            "running": list(self.running),
+            "leaving": list(self._leaving),
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls, config: GenerationConfig, max_sessions: int, max_positions: int, state: dict
+    ) -> Scheduler:
+        if not isinstance(state, dict):  # e.g. the pickle that states before version 1 were: never read
+            raise ValueError(f"scheduler state must be a versioned dict, got {type(state).__name__}")
+        version = state.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(
+                f"scheduler state version {version!r} is unknown: this code reads {STATE_VERSION}"
+            )
+        scheduler = cls(config, max_sessions, max_positions)
+        try:
+            for session in state["sessions"]:
+                restored = SessionState.from_state_dict(config, max_positions, session)
+                scheduler.sessions[restored.session_id] = restored
+            scheduler.waiting = deque(state["waiting"])
+            scheduler.running = list(state["running"])
+            scheduler._leaving = list(state["leaving"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed scheduler state: {e!r}") from e
+        named = {*scheduler.waiting, *scheduler.running, *scheduler._leaving}
+        if not named <= scheduler.sessions.keys() or len(scheduler.running) > max_sessions:
+            raise ValueError("scheduler state names unknown sessions or runs more than max_sessions")
+        return scheduler
 
     # -- the step --------------------------------------------------------------------------------
     def schedule(self, only: set[str] | None = None) -> SchedulerOutput:

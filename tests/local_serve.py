@@ -38,7 +38,7 @@ class LocalServe:
         path = self.directory / "serve_config.yaml"
         path.write_text(yaml.safe_dump(config))
         env = {**os.environ, "HOME": str(self.directory), "RAY_ADDRESS": ""}
-        command = [sys.executable, "-m", "longlive_core.cli", "serve", "--config", str(path)]
+        command = [sys.executable, "-m", "deployments.cli", "serve", "--config", str(path)]
         with self.log.open("wb") as log:  # a file, not a pipe nobody reads (Ray logs a lot)
             self.process = subprocess.Popen(
                 [*command, "--port", str(self.port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT

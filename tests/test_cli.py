@@ -26,7 +26,7 @@ def decode(path: Path) -> tuple[np.ndarray, float, tuple[int, int]]:
 
 
 def test_installed_command_writes_the_scheduled_mp4(tmp_path):
-    """The real entry point in a fresh process, with a three-prompt schedule."""
+    """The installed command's module in a fresh process, with a three-prompt schedule."""
     schedule = tmp_path / "story.yaml"
     schedule.write_text(
         "- at: 0\n  prompt: a red robot in a rainy city\n"
@@ -36,7 +36,7 @@ def test_installed_command_writes_the_scheduled_mp4(tmp_path):
     out = tmp_path / "video" / "story.mp4"
     args = ["generate", "--schedule", str(schedule), "--seconds", "3", "--size", "64x48", "-o", str(out)]
     result = subprocess.run(
-        [sys.executable, "-m", "longlive_core.cli", *args], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "deployments.cli", *args], capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}" in result.stdout and "3 prompt(s)" in result.stdout
@@ -122,3 +122,14 @@ def test_download_offline_says_so(tmp_path):
     assert "could not download Wan-AI/Wan2.1-T2V-1.3B" in result.stderr and "Traceback" not in result.stderr
     builtin = subprocess.run([*run, "tiny-random"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert builtin.returncode == 0 and "built in" in builtin.stdout
+
+
+def test_the_installed_command_has_the_service_s_commands_and_the_core_only_its_own():
+    def commands(module: str) -> set[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, check=True
+        )
+        return set(re.search(r"\{([a-z,]+)\}", result.stdout).group(1).split(","))
+
+    assert commands("deployments.cli") == {"generate", "download", "serve", "status"}
+    assert commands("longlive_core.cli") == {"generate", "download"}

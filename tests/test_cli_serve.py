@@ -25,7 +25,7 @@ def test_longlive_serve_starts_redis_and_serves_a_session(local_serve):
 
 
 def test_serve_reports_a_missing_config(tmp_path, capsys):
-    from longlive_core.cli import main
+    from deployments.cli import main
 
     assert main(["serve", "--config", str(tmp_path / "none.yaml")]) == 1
     assert "not found" in capsys.readouterr().err

@@ -27,9 +27,10 @@ from pydantic import ValidationError
 from jobs.queue import DEAD, GROUP, STREAM, JobQueue
 from jobs.schemas import SubmitJob
 from jobs.storage import S3Store
-from jobs.worker import JobWorker, frames_total, video_key
+from jobs.worker import JobWorker, video_key
 from longlive_core.live import StreamingRuntime
 from longlive_core.pipeline import LongLivePipeline
+from longlive_core.schedule import frames_total
 from tests.serving import RedisServer, free_port, redis_server
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from packaging.version import Version
 
 from deployments.config import ServiceConfig
 
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 

@@ -9,6 +9,7 @@ from longlive_core.schedule import (
     ScheduleError,
     block_start_video_frame,
     blocks_for_seconds,
+    frames_total,
     load_schedule,
     switch_block,
     validate_schedule,
@@ -25,6 +26,7 @@ def test_length_rule_gives_the_fewest_blocks_with_enough_frames():
     for seconds in (0.1, 1, 2.5, 7, 60, 240, 300):
         n = blocks_for_seconds(seconds, 3)
         assert video_frames(3 * n) >= 16 * seconds > video_frames(3 * (n - 1))
+        assert frames_total(seconds) == video_frames(3 * n)  # what a job of that length makes
 
 
 def test_switch_acts_at_the_first_block_boundary_at_or_after_it():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import pickle
 import sys
 
 import pytest
@@ -155,3 +157,44 @@ def test_scheduler_rejects_bad_requests():
         s.set_prompt("nope")
     with pytest.raises(ValueError, match="max_sessions"):
         Scheduler(GenerationConfig(), max_sessions=0, max_positions=1024)
+
+
+def _busy_scheduler(config: GenerationConfig) -> Scheduler:
+    """Sessions in every state: running (one restored, one with a pending prompt switch), waiting, leaving."""
+    s = Scheduler(config, max_sessions=2, max_positions=1024)
+    s.add_session("a", seed=0)
+    s.add_session("b", seed=1, num_blocks=9, first_frame=30)
+    for _ in range(5):
+        s.update(s.schedule())
+    s.add_session("c", seed=2)
+    s.add_session("d", seed=3, num_blocks=20, restore_blocks=6, sink_frames=3)
+    s.set_prompt("b")
+    s.remove_session("a")
+    return s
+
+
+@pytest.mark.parametrize("changes", [{}, {"global_sink": False}])
+def test_scheduler_state_is_json_and_continues_every_session_as_before(changes):
+    config = GenerationConfig(**changes)
+    original = _busy_scheduler(config)
+    state = json.loads(json.dumps(original.state_dict()))  # plain data: nothing a pickle would carry
+    assert state["version"] == 1
+    restored = Scheduler.from_state_dict(config, 2, 1024, state)
+    for _ in range(12):
+        a, b = original.schedule(), restored.schedule()
+        assert a == b
+        assert original.update(a) == restored.update(b)
+    assert restored.state_dict() == original.state_dict()
+
+
+def test_scheduler_state_of_an_unknown_version_or_a_pickle_is_refused():
+    config = GenerationConfig()
+    state = _busy_scheduler(config).state_dict()
+    with pytest.raises(ValueError, match="version 2 is unknown"):
+        Scheduler.from_state_dict(config, 2, 1024, {**state, "version": 2})
+    with pytest.raises(ValueError, match="must be a versioned dict, got bytes"):
+        Scheduler.from_state_dict(config, 2, 1024, pickle.dumps(state))
+    with pytest.raises(ValueError, match="malformed"):
+        Scheduler.from_state_dict(config, 2, 1024, {"version": 1, "sessions": [{"seed": 0}]})
+    with pytest.raises(ValueError, match="more than max_sessions"):
+        Scheduler.from_state_dict(config, 1, 1024, state)

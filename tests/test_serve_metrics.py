@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from longlive_core.cli import main as cli
+from deployments.cli import main as cli
 from tests.service_fixture import FOREST, auth, created
 
 GAUGES = ("replica_fps", "sessions_live", "session_capacity", "jobs_running", "jobs_queued")

@@ -12,12 +12,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import UMT5EncoderModel
 
-pytest.importorskip("transformers")
-
-from transformers import UMT5EncoderModel  # noqa: E402
-
-from longlive_core.text_encoder import (  # noqa: E402
+from longlive_core.text_encoder import (
     TextEncoder,
     TextEncoderConfig,
     init_random_weights,
@@ -26,7 +23,7 @@ from longlive_core.text_encoder import (  # noqa: E402
     wan_key_table,
     wan_to_transformers,
 )
-from tests.helpers import rel_err  # noqa: E402
+from tests.helpers import rel_err
 
 TINY = TextEncoderConfig.from_name("tiny")
 # 141 bytes + </s>: relative distances past max_exact (8) and past max_distance (128) both occur.

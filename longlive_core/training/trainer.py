@@ -17,6 +17,7 @@ middle of a sequence, `rollout/rank{r}.pt` (each worker's live rollout).
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,15 @@ from .prompts import PromptPairs
 
 logger = logging.getLogger(__name__)
 LORA_FILE, CRITIC_FILE, STATE_FILE = "models/lora.pt", "models/critic_lora.pt", "trainer_state.pt"
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """A checkpoint file holds tensors and plain data only; any other object (what a crafted pickle
+    would run code through) is refused before it is built."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # only the exception type: nothing here unpickles objects
+        raise ValueError(f"{path} is not a checkpoint this trainer wrote, refused unread: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -267,17 +277,16 @@ class DMDTrainer:
         directory = Path(directory)
         if not (directory / STATE_FILE).is_file():
             raise FileNotFoundError(f"no training checkpoint in {directory} ({STATE_FILE} missing)")
-        load = dict(map_location="cpu", weights_only=True)
-        load_lora_state_dict(self.student, torch.load(directory / LORA_FILE, **load)["generator_lora"])
-        load_lora_state_dict(self.critic, torch.load(directory / CRITIC_FILE, **load)["critic_lora"])
-        state = torch.load(directory / STATE_FILE, **load)
+        load_lora_state_dict(self.student, load_checkpoint_file(directory / LORA_FILE)["generator_lora"])
+        load_lora_state_dict(self.critic, load_checkpoint_file(directory / CRITIC_FILE)["critic_lora"])
+        state = load_checkpoint_file(directory / STATE_FILE)
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.step = state["step"]
         sequence, position = divmod(self.step, self.steps_per_sequence)
         rollout = directory / "rollout" / f"rank{self.rank}.pt"
         if position and rollout.is_file():
-            self.engine.load_state_dict(torch.load(rollout, **load))
+            self.engine.load_state_dict(load_checkpoint_file(rollout))
             self.rows = self._rows(sequence)
         elif position:
             logger.warning(
