@@ -539,17 +539,21 @@ class StreamingRuntime:
                 self._decode_queue.task_done()
         self._decode_queue.task_done()
 
-    def warm_up(self, sessions: int | None = None) -> None:
+    def warm_up(self, sessions: int | None = None, every_shape: bool | None = None) -> None:
         """Run every pass shape that up to `sessions` (default max_sessions) concurrent sessions can take:
         first blocks, a window filling, steady blocks, batches that mix phases, recaches at every fill
         phase and (with checkpoints) a restore. Compiles and autotunes them all, so neither a new viewer,
         a switch nor a failover compiles later; the steady steps of each batch size are what admission
-        measures against real time."""
+        measures against real time. every_shape: run the shapes of every batch size (default: when there is
+        something to compile or autotune, i.e. compiled blocks or a CUDA device; else one batch size runs
+        the code paths once)."""
         sessions = min(sessions or self.max_sessions, self.max_sessions)
+        if every_shape is None:
+            every_shape = self.pipe.runtime.compile or self.pipe.transformer.device.type == "cuda"
         speed, self.playback_speed = self.playback_speed, 0.0
         idle, self.idle_timeout_s = self.idle_timeout_s, float("inf")  # compiling can take minutes
         try:
-            for batch in range(1, sessions + 1):
+            for batch in range(1, sessions + 1 if every_shape else 2):
                 self._warm_up_batch(batch)
             self._costs.clear()  # compile time is no step cost: measure each batch size once compiled
             for batch in range(1, sessions + 1 if self.realtime_margin is not None else 1):
@@ -614,6 +618,7 @@ class StreamingRuntime:
             self.forget(sid)
 
     def _warm_up_step(self, ids: list[str]) -> None:
+        self.encoder.run_pending()
         with self._lock:  # each warm-up step runs what was asked for: its prompts encoded first
             futures = [f for c in self._commands for f in c.needs]
             futures += [f for sid in ids for f in self._sessions[sid].encoding.values()]
