@@ -187,14 +187,20 @@ def pass_shapes(config: GenerationConfig, max_sessions: int, max_positions: int)
     warm-up compiles. One session's passes are planned through two windows (blocks, a recache after every
     block, restores with every sink source); a block step of b sessions in one phase has that phase's
     shape with batch b, and sessions in different phases attend to the whole window under a key mask."""
+
+    def after_blocks(committed: int) -> CacheLayout:
+        layout = CacheLayout(config, max_positions=10**9)
+        for start in range(0, committed, config.block_frames):
+            layout.plan_block(start)
+        return layout
+
     single: set[PassShape] = set()
     block_phases: set[PassShape] = set()
     horizon = 2 * config.window_frames + config.block_frames
     for committed in range(0, horizon, config.block_frames):
-        layout = CacheLayout(config, max_positions=10**9)
-        for start in range(0, committed, config.block_frames):
-            layout.plan_block(start)
-        block_phases.add(attention_shape([layout.plan_block(committed)]))
+        block_phases.add(attention_shape([after_blocks(committed).plan_block(committed)]))
+        if (recache := after_blocks(committed).plan_recache(committed)) is not None:
+            single.add(attention_shape([recache]))
         if committed:
             upto = min(committed, config.window_frames)
             sources = {config.sink_frames, *range(config.block_frames, upto + 1, config.block_frames)}
@@ -202,14 +208,9 @@ def pass_shapes(config: GenerationConfig, max_sessions: int, max_positions: int)
                 restored = CacheLayout(config, max_positions=10**9)
                 sink_plan, plan = restored.plan_restore(committed, sink)
                 single.update(attention_shape([p]) for p in (sink_plan, plan) if p is not None)
-        replanned = CacheLayout(config, max_positions=10**9)
-        for start in range(0, committed, config.block_frames):
-            replanned.plan_block(start)
-        if (recache := replanned.plan_recache(committed)) is not None:
-            single.add(attention_shape([recache]))
-    shapes = set(single) | block_phases
-    window = PassShape(1, config.block_frames, config.window_frames, "keys")
+    shapes = single | block_phases
     for batch in range(2, max_sessions + 1):
         shapes.update(PassShape(batch, s.query_frames, s.key_frames, s.mask) for s in block_phases)
-        shapes.add(PassShape(batch, window.query_frames, window.key_frames, window.mask))
+        # sessions in different phases: the whole window under a key mask per row
+        shapes.add(PassShape(batch, config.block_frames, config.window_frames, "keys"))
     return shapes

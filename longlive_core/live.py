@@ -38,7 +38,7 @@ from .cache_plan import PassShape, pass_shapes
 from .checkpoint import ROLLBACK_BLOCKS, CheckpointError, SessionCheckpoint, TimelineEntry
 from .config import GenerationConfig
 from .engine import Engine
-from .pipeline import VAE_STRIDE, LongLivePipeline, decode_block
+from .pipeline import VAE_STRIDE, LongLivePipeline, decode_block, to_uint8_frames
 from .prompt_encoder import PromptEncoder
 from .schedule import FPS, block_of_frame, blocks_for_seconds, video_frames
 
@@ -67,6 +67,10 @@ class SessionPhase(str, Enum):
     LIVE = "live"
     ENDED = "ended"
     FAILED = "error"
+
+    @property
+    def final(self) -> bool:
+        return self in (SessionPhase.ENDED, SessionPhase.FAILED)
 
 
 _NEXT_PHASES = {
@@ -103,7 +107,7 @@ class SessionView:
 
     @property
     def ended(self) -> bool:
-        return self.phase in (SessionPhase.ENDED, SessionPhase.FAILED)
+        return self.phase.final
 
 
 @dataclass
@@ -135,7 +139,7 @@ class LiveSession:
 
     @property
     def ended(self) -> bool:
-        return self.phase in (SessionPhase.ENDED, SessionPhase.FAILED)
+        return self.phase.final
 
     def move_to(self, phase: SessionPhase, reason: str | None = None) -> None:
         if phase not in _NEXT_PHASES[self.phase]:
@@ -218,9 +222,10 @@ class StreamingRuntime:
         self.clock = clock
         self.checkpoints = checkpoints
         self.window_blocks = self.config.window_frames // self.config.block_frames
+        bf = self.config.block_frames
         self.block_seconds = (
-            video_frames(2 * self.config.block_frames) / FPS - video_frames(self.config.block_frames) / FPS
-        )  # playback time of a steady block (12 frames: 0.75 s)
+            video_frames(2 * bf) - video_frames(bf)
+        ) / FPS  # playback time of a steady block (12 frames: 0.75 s)
         self.step_seconds: deque[float] = deque(maxlen=1000)  # DiT + decode per step, newest last
         self.frames_made = 0  # video frames delivered for any session since start (metrics)
         self.stalled_blocks = 0  # paced blocks delivered late, any session (metrics)
@@ -492,7 +497,7 @@ class StreamingRuntime:
             self._in_flight = None
         self.encoder.run_pending()
         with self._lock:
-            if self._in_flight is None and not self._ready_commands() and not self._plan_step()[0]:
+            if not self._ready_commands() and not self._plan_step()[0]:
                 self._wake.wait(min(max_wait, self._seconds_until_due()))
             self._close_idle()
             commands = self._take_ready_commands()
@@ -804,7 +809,7 @@ class StreamingRuntime:
                 if block in s.replay:
                     index = s.replay.pop(block)
                     s.prompts[index].block, s.prompts[index].applied_at = block, now
-                    switches.append((s, s.encoding[index]))
+                    switches.append((s, s.encoding.pop(index)))
                 continue
             exact = block in s.scheduled
             if exact:  # the schedule's prompt at its block, whatever was posted before
@@ -864,8 +869,7 @@ class StreamingRuntime:
 
     def _decode(self, session: LiveSession, block: Tensor) -> np.ndarray:
         video = decode_block(session.decoder_stream, block, self.pipe.vae_dtype, self.pipe.runtime.low_memory)
-        frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return frames.permute(1, 2, 3, 0).cpu().numpy()
+        return to_uint8_frames(video)
 
     def _deliver(self, made: _InFlight) -> None:
         """Decode a launched step's blocks (on the decode stream, overlapping the step launched after it)

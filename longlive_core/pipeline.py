@@ -35,6 +35,12 @@ def check_size(size: tuple[int, int], multiple: int = 16) -> tuple[int, int]:
     return width, height
 
 
+def to_uint8_frames(video: Tensor) -> np.ndarray:
+    """[1, 3, T, H, W] in [-1, 1] -> [T, H, W, 3] uint8."""
+    video = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return video.permute(1, 2, 3, 0).cpu().numpy()
+
+
 @dataclass(frozen=True)
 class VideoPlan:
     """What a request turns into: the number of blocks and the block each prompt starts at."""
