@@ -22,24 +22,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import command_line, emit  # noqa: E402
+from bench.steps import GcPauses, steady_ratio, step_table  # noqa: E402
 from longlive_core import LongLivePipeline  # noqa: E402
 from longlive_core.config import RuntimeConfig  # noqa: E402
+from longlive_core.engine_thread import EngineThread  # noqa: E402
 from longlive_core.live import CapacityError, StreamingRuntime  # noqa: E402
 from longlive_core.schedule import FPS, video_frames  # noqa: E402
 
 PREROLL_S = 0.75  # one block of playback buffered before the player starts
 
 
-def build_pipe(preset: str, decoder: str, compile: bool) -> LongLivePipeline:
+def build_pipe(preset: str, decoder: str, compile: bool, low_memory: bool = False) -> LongLivePipeline:
+    """low_memory: as a low_memory replica runs (RuntimeConfig.low_memory: per-frame decode, the text
+    encoder's weights on the host between prompts, as LongLivePipeline.from_pretrained offloads them)."""
     if preset == "tiny":
-        return LongLivePipeline.from_pretrained("tiny-random", device="cpu", decoder=decoder)
+        runtime = RuntimeConfig(low_memory=low_memory)
+        return LongLivePipeline.from_pretrained("tiny-random", device="cpu", decoder=decoder, runtime=runtime)
     from bench.bench_engine import build_model
     from bench.bench_long_video import build_decoder
     from bench.bench_low_memory import build_umt5_xxl
 
-    runtime = RuntimeConfig(attention="cudnn", compile=compile)
+    runtime = RuntimeConfig(attention="cudnn", compile=compile, low_memory=low_memory)
     encoder = build_umt5_xxl()
     encoder.cache_size = 64
+    if low_memory:
+        encoder.offload("cuda")
     return LongLivePipeline(
         build_model("wan2.1-t2v-1.3b", torch.bfloat16),
         encoder,
@@ -53,7 +60,6 @@ def run(
     host: StreamingRuntime, sessions: int, seconds: float, switch_after: float, stagger: float
 ) -> dict | None:
     stop = threading.Event()
-    engine = threading.Thread(target=lambda: [host.run_once() for _ in iter(stop.is_set, True)], daemon=True)
     received: dict[str, list[tuple[int, float]]] = {}
     opened: dict[str, float] = {}
     ids = [f"viewer-{sessions}-{stagger:g}-{i}" for i in range(sessions)]
@@ -81,7 +87,6 @@ def run(
                         seen.setdefault(name, now)
             time.sleep(0.002)
 
-    engine.start()
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     start = time.monotonic()
@@ -108,7 +113,6 @@ def run(
     for reader in readers:
         reader.join()
     stop.set()
-    engine.join()
     watcher.join()
 
     if not ids:
@@ -125,11 +129,10 @@ def run(
         for block, at in received[sid][1:]:  # block k must arrive before the frames before it are played
             if at > play + video_frames(block * host.config.block_frames) / FPS:
                 stalls += 1
-    steps = sorted(host.step_seconds)
     for sid in ids:
         host.forget(sid)
     return {
-        "step": (statistics.median(steps) * 1e3, steps[-1] * 1e3),
+        "step": steady_ratio(host.steps, len(ids)),
         "first": (statistics.median(first) * 1e3, max(first) * 1e3),
         "first_later": max(first[1:], default=float("nan")) * 1e3,
         "to_pixel": (statistics.median(to_pixel) * 1e3, max(to_pixel) * 1e3),
@@ -149,48 +152,72 @@ def main() -> None:
     parser.add_argument("--switch-after", type=float, default=5, help="wall seconds before the prompt post")
     parser.add_argument("--stagger", type=float, nargs="+", default=[0.0], help="seconds between opens")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--low-memory", action="store_true", help="as a low_memory replica runs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
-    pipe = build_pipe(args.preset, args.decoder, args.compile)
+    pipe = build_pipe(args.preset, args.decoder, args.compile, args.low_memory)
+    on_gpu = torch.cuda.is_available() and args.preset == "full"
     rows = [
         "| sessions | opened every (s) | first block (ms, median / max) | first block of a later session (ms)"
         " | prompt-to-pixel (ms, median / max) | stalled blocks after the first | step: DiT + decode (ms,"
-        " median / max) | max / median | recompiles after ready | warm-up (s) | refused |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " median / max, steady steps) | max / median | recompiles after ready | warm-up (s) | refused |"
+        " peak GPU memory (GiB, allocated / reserved) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    breakdown: list[str] = []
     size = (832, 480) if args.preset == "full" else (48, 32)
     for n in args.sessions:
         host = StreamingRuntime(pipe, max_sessions=n, size=size, background_encoding=True)
-        started = time.monotonic()
-        host.warm_up()
-        warm = time.monotonic() - started
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        engine = EngineThread(host)  # warms up on itself, then steps
+        engine.start()
+        warm = engine.warm_up_seconds
         for stagger in args.stagger if n > 1 else [0.0]:
-            r = run(host, n, args.seconds, args.switch_after, stagger)
+            with GcPauses() as gc_pauses:
+                r = run(host, n, args.seconds, args.switch_after, stagger)
             if r is None:
                 rows.append(f"| {n} | {stagger:g} | every session refused for capacity |")
                 continue
             rows.append(
                 f"| {n} | {stagger:g} | {r['first'][0]:.0f} / {r['first'][1]:.0f} | {r['first_later']:.0f} |"
                 f" {r['to_pixel'][0]:.0f} / {r['to_pixel'][1]:.0f} | {r['stalls']} of {r['blocks']} |"
-                f" {r['step'][0]:.0f} / {r['step'][1]:.0f} | {r['step'][1] / r['step'][0]:.2f} |"
-                f" {r['recompiles']} | {warm:.0f} | {r['refused']} |"
+                f" {r['step'][0]:.0f} / {r['step'][1]:.0f} | {r['step'][2]:.2f} |"
+                f" {r['recompiles']} | {warm:.0f} | {r['refused']} | {peak_memory() if on_gpu else 'n/a'} |"
             )
             print(rows[-1], flush=True)
-            host.step_seconds.clear()
+            title = f"Steps of the {n}-session run, opened every {stagger:g} s:"
+            breakdown += [
+                "",
+                title,
+                "",
+                *step_table(host.steps),
+                "",
+                f"Garbage collections: {gc_pauses.summary()}",
+            ]
+            host.steps.clear()
+        engine.stop()
         host.shutdown()
         del host
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.preset == "full" else "CPU"
+    device = torch.cuda.get_device_name() if on_gpu else "CPU"
     meta = [
         f"- device: {device}; torch {torch.__version__}; preset {args.preset}, decoder {args.decoder},"
-        f" {'compiled' if args.compile else 'eager'}; real-time pacing (16 fps), lead 1.5 s; text encoding on"
-        " its own thread; decode on a second CUDA stream",
+        f" {'compiled' if args.compile else 'eager'}{', low_memory' if args.low_memory else ''}; real-time"
+        " pacing (16 fps), lead 1.5 s; text encoding on its own thread; decode on a second CUDA stream",
         f"- command: `{command_line()}`",
         f"- each session {args.seconds:g} s of video; a new prompt (text-encoder cache miss) posted"
         f" {args.switch_after:g} s after the sessions opened; first block = open() to its frames on the host;"
         f" a stall = a block arriving after its playback time (player starts {PREROLL_S} s after block 0)",
+        "- a step's cost: max(DiT, decode) as they overlap on two CUDA streams (GPU event times); steady"
+        " steps make only running sessions' blocks (no first block, recache or prompt encoding beside them)",
     ]
-    emit("Live sessions, server side: first frame, prompt-to-pixel, stalls", meta, rows, args.out)
+    emit("Live sessions, server side: first frame, prompt-to-pixel, stalls", meta, rows + breakdown, args.out)
+
+
+def peak_memory() -> str:
+    gib = 2**30
+    return f"{torch.cuda.max_memory_allocated() / gib:.2f} / {torch.cuda.max_memory_reserved() / gib:.2f}"
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ class Engine:
         self.prompts: dict[str, Tensor] = {}  # latest prompt embedding per session, padded
         self._restoring: dict[str, RestoreInputs] = {}  # moved sessions until their cache is rebuilt
         self.shapes_seen: set[PassShape] = set()  # pass shapes run so far (compiled ones: each a graph)
+        self.last_schedule = SchedulerOutput()  # what the last step did (joins, recaches, blocks)
 
     # -- requests ----------------------------------------------------------------------------------
     def add_session(
@@ -194,6 +195,7 @@ class Engine:
             logger.exception("engine step failed; scheduler output: %s", out)
             raise
         self.scheduler.update(out)
+        self.last_schedule = out
         return blocks
 
     # -- state (training checkpoints) --------------------------------------------------------------

@@ -19,6 +19,8 @@ blocks. `playback_speed=0` turns pacing off (batch work runs as fast as the devi
 from __future__ import annotations
 
 import contextlib
+import gc
+import itertools
 import logging
 import queue
 import statistics
@@ -118,6 +120,7 @@ class LiveSession:
     prompts: list[TimelineEntry]
     paced: bool
     last_read: float
+    engine_id: str = ""  # its key in the engine: unique per runtime, so a session id can come back
     phase: SessionPhase = SessionPhase.QUEUED
     end_reason: str | None = None
     in_engine: bool = False  # holds an engine slot
@@ -159,17 +162,45 @@ class _Command:
         return all(f.done() for f in self.needs)
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One block step as measured: what it made and ran, and its times (CUDA: GPU event times)."""
+
+    sessions: int  # blocks made
+    joined: int  # of them, first blocks of new sessions
+    recaches: int  # prompt switches recached right before the blocks
+    restores: int  # moved sessions' caches rebuilt right before the blocks
+    encoding: bool  # a prompt was being encoded on the encoder's thread as the step launched or delivered
+    launch_seconds: float  # host time to launch the step (the engine thread's share)
+    dit_seconds: float  # the DiT's time (beside the previous block's decode when overlapped)
+    decode_seconds: float  # decoding its blocks (GPU time on the decode stream when overlapped)
+    cost: float  # what the step costs the step rate: max(DiT, decode) overlapped, their sum in series
+
+    @property
+    def steady(self) -> bool:
+        """Only blocks of running sessions: no first block, recache, restore or encoding beside it."""
+        return not (self.joined or self.recaches or self.restores or self.encoding)
+
+
 @dataclass
 class _InFlight:
     """A launched DiT step whose block is not decoded yet."""
 
-    latents: dict[str, Tensor]
+    latents: dict[str, Tensor]  # engine id -> the block's clean latents
+    owners: dict[str, LiveSession]  # engine id -> its session
     started: float  # perf_counter at launch
+    launch_seconds: float
     done: torch.cuda.Event | None  # recorded after the step (CUDA); None: the step ran synchronously
     begin: torch.cuda.Event | None
-    dit_seconds: float = 0.0
+    joined: int
+    recaches: int
+    restores: int
+    encoding: bool  # at launch; the delivery adds whether encoding still went on after the decode
+    dit_seconds: float | None = None
 
     def wait(self) -> None:
+        if self.dit_seconds is not None:
+            return
         if self.done is not None:
             self.done.synchronize()
             self.dit_seconds = self.begin.elapsed_time(self.done) / 1e3
@@ -212,7 +243,7 @@ class StreamingRuntime:
         self.config = config or pipe.generation_config.with_(rope_mode="relative")
         latent_size = (self.height // VAE_STRIDE, self.width // VAE_STRIDE)
         self.engine = Engine(pipe.transformer, self.config, latent_size, max_sessions, runtime=pipe.runtime)
-        self.encoder = PromptEncoder(pipe.text_encoder, background=background_encoding)
+        self.encoder = PromptEncoder(pipe.text_encoder, background=background_encoding, on_done=self._notify)
         self.max_sessions = max_sessions
         self.lead_seconds = lead_seconds
         self.buffer_blocks = buffer_blocks
@@ -226,14 +257,15 @@ class StreamingRuntime:
         self.block_seconds = (
             video_frames(2 * bf) - video_frames(bf)
         ) / FPS  # playback time of a steady block (12 frames: 0.75 s)
-        self.step_seconds: deque[float] = deque(maxlen=1000)  # DiT + decode per step, newest last
+        self.steps: deque[StepRecord] = deque(maxlen=1000)  # newest last
         self.frames_made = 0  # video frames delivered for any session since start (metrics)
         self.stalled_blocks = 0  # paced blocks delivered late, any session (metrics)
         self._costs: dict[int, deque[float]] = {}  # batch size -> recent step costs (s)
         self._sessions: dict[str, LiveSession] = {}
         self._commands: deque[_Command] = deque()
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)  # commands queued / chunks produced
+        # Reentrant: an encoding already done when submitted (under the lock) notifies at once.
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)  # commands queued or ready / chunks produced
         self._in_flight: _InFlight | None = None  # the step launched last (CUDA)
         self._decode_queue: queue.Queue[_InFlight | None] = queue.Queue(maxsize=2)
         self._decode_thread: threading.Thread | None = None
@@ -242,6 +274,8 @@ class StreamingRuntime:
         # High priority: a block's decode (what a viewer waits for) goes ahead of the next step's DiT.
         self._decode_stream = torch.cuda.Stream(device, priority=-1) if on_cuda else None
         self._graphs_at_ready: int | None = None
+        self._warmed_thread: int | None = None  # the thread warm_up() ran on
+        self._incarnations = itertools.count()
 
     # -- requests (any thread) ---------------------------------------------------------------------
     @property
@@ -288,6 +322,7 @@ class StreamingRuntime:
                 paced,
                 self.clock(),
             )
+            session.engine_id = self._new_engine_id(session_id)
             session.scheduled = dict(scheduled or {})
             for text in session.scheduled.values():  # encoded ahead: they apply exactly at their blocks
                 self.encoder.submit(text)
@@ -421,6 +456,7 @@ class StreamingRuntime:
         timeline = [replace(e) for e in cp.timeline]
         timeline += [TimelineEntry(prompt, time.time(), event_id=event_id) for prompt, event_id in recovered]
         session = LiveSession(cp.session_id, cp.seed, cp.num_blocks, timeline, True, self.clock())
+        session.engine_id = self._new_engine_id(cp.session_id)
         session.blocks_done = session.blocks_made = session.read_blocks = block
         session.frames_done = video_frames(block * self.config.block_frames) if block else 0
         pending = []
@@ -492,6 +528,12 @@ class StreamingRuntime:
         """One step: apply queued commands and prompt switches, launch a block for the sessions that are
         due, and deliver the block launched before (decoded while this one runs). Waits up to `max_wait`
         seconds for work; returns whether a block step was launched."""
+        if self._warmed_thread not in (None, threading.get_ident()) and self._decode_stream is not None:
+            logger.warning(
+                "run_once on a thread the warm-up did not run on: its first steps create CUDA library"
+                " handles while serving (warm up on the stepping thread, see longlive_core.engine_thread)"
+            )
+            self._warmed_thread = None  # said once
         if self._in_flight is not None:
             self._in_flight.done.synchronize()  # its DiT is done: prompts posted meanwhile apply next
             self._in_flight = None
@@ -551,7 +593,9 @@ class StreamingRuntime:
         a switch nor a failover compiles later; the steady steps of each batch size are what admission
         measures against real time. every_shape: run the shapes of every batch size (default: when there is
         something to compile or autotune, i.e. compiled blocks or a CUDA device; else one batch size runs
-        the code paths once)."""
+        the code paths once). Run it on the thread that then steps (longlive_core.engine_thread does): CUDA
+        libraries keep per-thread handles, which another thread's first step would create while serving."""
+        self._warmed_thread = threading.get_ident()
         sessions = min(sessions or self.max_sessions, self.max_sessions)
         if every_shape is None:
             every_shape = self.pipe.runtime.compile or self.pipe.transformer.device.type == "cuda"
@@ -563,10 +607,14 @@ class StreamingRuntime:
             self._costs.clear()  # compile time is no step cost: measure each batch size once compiled
             for batch in range(1, sessions + 1 if self.realtime_margin is not None else 1):
                 self._measure_batch(batch)
-            self.step_seconds.clear()  # compile-time steps say nothing about serving
-            if missing := self.unwarmed_shapes:
+            self.steps.clear()  # compile-time steps say nothing about serving
+            if every_shape and (missing := self.unwarmed_shapes):
                 logger.warning("warm-up left pass shapes uncompiled: %s", sorted(missing))
             self._graphs_at_ready = compiled_graphs()
+            # What loading and compiling left (weights' wrappers, tokenizer, dynamo's caches) lives as long
+            # as the process: out of the collector's reach, so a full collection is no pause in a step.
+            gc.collect()
+            gc.freeze()
         finally:
             self.playback_speed, self.idle_timeout_s = speed, idle
 
@@ -637,6 +685,9 @@ class StreamingRuntime:
                 self._sessions[sid].last_read = self.clock()
 
     # -- internals (engine thread, or under the lock where said) -----------------------------------
+    def _new_engine_id(self, session_id: str) -> str:
+        return f"{session_id}#{next(self._incarnations)}"
+
     def _live_count(self) -> int:
         return sum(not s.ended for s in self._sessions.values())
 
@@ -688,7 +739,7 @@ class StreamingRuntime:
             self._fail(session, f"encoding its prompt failed: {err}")
             return
         self.engine.add_session(
-            session.session_id, self._embeds(first), seed=session.seed, num_blocks=session.num_blocks
+            session.engine_id, self._embeds(first), seed=session.seed, num_blocks=session.num_blocks
         )
         session.decoder_stream = self.pipe.vae.new_stream()
         with self._lock:
@@ -712,7 +763,7 @@ class StreamingRuntime:
             sink_frames = cp.sink_source(self.config, block)[1]
             sink_latents = torch.cat([cp.latents[b] for b in range(sink_frames // bf)], dim=1)
         self.engine.restore_session(
-            session.session_id,
+            session.engine_id,
             self._embeds(session.encoding[current]),
             session.seed,
             block,
@@ -736,7 +787,7 @@ class StreamingRuntime:
 
     def _leave(self, session: LiveSession) -> None:
         if session.in_engine:
-            self.engine.remove_session(session.session_id)
+            self.engine.remove_session(session.engine_id)
             session.in_engine = False
         session.decoder_stream = None
 
@@ -760,7 +811,7 @@ class StreamingRuntime:
         if (err := future.exception()) is not None:  # waits for an exact (scheduled) switch's encoding
             self._fail(session, f"encoding a prompt failed: {err}")
             return
-        self.engine.set_prompt(session.session_id, self._embeds(future))
+        self.engine.set_prompt(session.engine_id, self._embeds(future))
 
     def _playback_due(self, session: LiveSession, now: float) -> bool:
         if session.playback_start is None:
@@ -785,7 +836,7 @@ class StreamingRuntime:
         now = self.clock()
         if any(self._playback_due(s, now) for s in paced if not s.fresh):
             return True, None
-        fresh = {s.session_id for s in active if s.fresh}
+        fresh = {s.engine_id for s in active if s.fresh}
         return (True, fresh) if fresh else (False, None)
 
     def _seconds_until_due(self) -> float:
@@ -846,22 +897,40 @@ class StreamingRuntime:
         if self._decode_stream is not None:
             begin = torch.cuda.Event(enable_timing=True)
             begin.record()
+        encoding = self.encoder.busy
         started = time.perf_counter()
         with torch.no_grad():
             latents = self.engine.step(only)
+        launch_seconds = time.perf_counter() - started
         if self._decode_stream is not None:
             done = torch.cuda.Event(enable_timing=True)
             done.record()
+        work = self.engine.last_schedule
         with self._lock:
-            for sid in latents:
-                s = self._sessions[sid]
+            owners = {s.engine_id: s for s in self._sessions.values() if s.engine_id in latents}
+            for s in owners.values():
                 s.blocks_made += 1
                 s.fresh = False
                 if s.prompts[0].applied_at is None:
                     s.prompts[0].applied_at = time.time()
                 if s.num_blocks is not None and s.blocks_made >= s.num_blocks:
                     s.in_engine = False  # the engine drops it at its last block
-        return _InFlight(latents, started, done, begin)
+        return _InFlight(
+            latents,
+            owners,
+            started,
+            launch_seconds,
+            done,
+            begin,
+            joined=len(work.new_sessions),
+            recaches=len(work.recaches),
+            restores=len(work.restores),
+            encoding=encoding,
+        )
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
 
     def _on_decode_stream(self) -> contextlib.AbstractContextManager:
         stream = self._decode_stream
@@ -879,40 +948,62 @@ class StreamingRuntime:
         kept: dict[str, Tensor] = {}
         failed: dict[str, str] = {}
         stream = self._decode_stream
-        with self._lock:
-            sessions = {sid: self._sessions.get(sid) for sid in made.latents}
+        decode_begin = decode_end = None
         with torch.no_grad(), self._on_decode_stream():
             if stream is not None:
                 stream.wait_event(made.done)
+                decode_begin = torch.cuda.Event(enable_timing=True)
+                decode_begin.record(stream)
             for sid, block in made.latents.items():
-                session = sessions[sid]
-                if session is None or session.decoder_stream is None:
+                session = made.owners[sid]
+                if session.decoder_stream is None:  # it left meanwhile
                     continue
                 if stream is not None:
                     block.record_stream(stream)
                 try:
                     decoded[sid] = self._decode(session, block)
                 except (RuntimeError, ValueError) as err:  # e.g. out of memory: this session fails alone
-                    logger.exception("decoding block %d of %s failed", session.blocks_done, sid)
+                    logger.exception(
+                        "decoding block %d of %s failed", session.blocks_done, session.session_id
+                    )
                     failed[sid] = f"decode failed: {err}"
                     continue
                 if self.checkpoints and session.paced:  # the DiT's dtype: what a recache reads anyway
                     kept[sid] = block.to("cpu", self.pipe.transformer.dtype)
-        decode_seconds = time.perf_counter() - started
+            if stream is not None:
+                decode_end = torch.cuda.Event(enable_timing=True)
+                decode_end.record(stream)
         made.wait()
+        if decode_end is not None:
+            decode_end.synchronize()
+            decode_seconds = decode_begin.elapsed_time(decode_end) / 1e3
+        else:  # in series: the DiT was done before this decode began
+            decode_seconds = time.perf_counter() - started
         # Overlapped, the DiT (timed on the GPU, slowed by the decode beside it) and the decode share
         # the step's time; in series they add up.
         overlapped = stream is not None
         cost = max(made.dit_seconds, decode_seconds) if overlapped else made.dit_seconds + decode_seconds
-        self.step_seconds.append(cost)
+        record = StepRecord(
+            sessions=len(made.latents),
+            joined=made.joined,
+            recaches=made.recaches,
+            restores=made.restores,
+            encoding=made.encoding or self.encoder.busy,
+            launch_seconds=made.launch_seconds,
+            dit_seconds=made.dit_seconds,
+            decode_seconds=decode_seconds,
+            cost=cost,
+        )
         now = self.clock()
         with self._lock:
-            self._costs.setdefault(len(made.latents), deque(maxlen=COST_SAMPLES)).append(cost)
+            self.steps.append(record)
+            if not (record.recaches or record.restores):  # a switch's extra pass is no steady cost
+                self._costs.setdefault(record.sessions, deque(maxlen=COST_SAMPLES)).append(cost)
             for sid, frames in decoded.items():
-                self._hand_over(self._sessions[sid], frames, kept.get(sid), now)
+                self._hand_over(made.owners[sid], frames, kept.get(sid), now)
             self._wake.notify_all()
         for sid, reason in failed.items():
-            self._fail(self._sessions[sid], reason)
+            self._fail(made.owners[sid], reason)
 
     def _hand_over(self, s: LiveSession, frames: np.ndarray, kept: Tensor | None, now: float) -> None:
         """Under the lock: one decoded block into the session's buffer."""

@@ -245,3 +245,76 @@ def test_admission_by_measured_step_time(pipe):
     by_slots = runtime(pipe, max_sessions=2, playback_speed=1000.0, realtime_margin=None)
     by_slots.warm_up(1)
     by_slots.open("live", RED)
+
+
+def test_step_records_say_what_each_step_ran(pipe):
+    """A first block, steady blocks, a switch's recache and a restore are each recorded as such; the
+    GatedEncoder holds a prompt's encoding, and the steps beside it say so."""
+    rt = runtime(pipe, max_sessions=2, checkpoints=True, background_encoding=True)
+    rt.encoder.encoder = GatedEncoder(pipe.text_encoder, FOREST)
+    rt.open("a", RED)
+    while not rt.steps:
+        rt.run_once()
+        rt.drain()
+    assert (rt.steps[-1].sessions, rt.steps[-1].joined) == (1, 1) and not rt.steps[-1].steady
+    rt.run_once()
+    rt.drain()
+    assert rt.steps[-1].steady and rt.steps[-1].dit_seconds > 0 and rt.steps[-1].decode_seconds > 0
+    rt.post_prompt("a", FOREST)
+    assert rt.encoder.encoder.entered.wait(10)
+    rt.run_once()
+    rt.drain()
+    assert rt.steps[-1].encoding and rt.steps[-1].recaches == 0
+    rt.encoder.encoder.gate.set()
+    while not rt.steps[-1].recaches:
+        rt.run_once()
+        rt.drain()
+    assert rt.steps[-1].recaches == 1 and not rt.steps[-1].steady
+    read_all(rt, "a")  # a restore resumes after the blocks a viewer read
+    moved = rt.checkpoint("a")
+    rt.close("a")
+    rt.run_once()
+    rt.forget("a")
+    rt.restore(moved)  # the same id again, on the same runtime
+    while not rt.steps[-1].restores:
+        rt.run_once()
+        rt.drain()
+    assert rt.steps[-1].restores == 1 and rt.status("a")["state"] == "live"
+    rt.shutdown()
+
+
+def test_a_session_id_can_come_back_after_it_ended(pipe):
+    """Closed, forgotten and opened again at once (before the engine dropped the first): the new session
+    is a session of its own, equal to one on a fresh runtime; the old one's leftovers reach nobody."""
+    rt = runtime(pipe, max_sessions=1)
+    rt.open("s", RED, seed=3)
+    rt.run_once()
+    rt.close("s")
+    rt.forget("s")
+    rt.open("s", SEA, seed=5)
+    chunks = []
+    while len(chunks) < 3:
+        rt.run_once()
+        chunks += read_all(rt, "s")
+    assert [c.block for c in chunks] == [0, 1, 2]
+    frames = np.concatenate([c.frames for c in chunks]).astype(int)
+    assert np.abs(frames - alone(pipe, SEA, 5, 3, {})).max() <= 1
+    assert np.abs(frames - alone(pipe, RED, 3, 3, {})).mean() > 3  # control: another session's frames
+
+
+def test_the_engine_thread_warms_up_on_itself_and_reports_a_failed_warm_up(pipe):
+    from longlive_core.engine_thread import EngineThread
+
+    rt = runtime(pipe, max_sessions=1)
+    engine = EngineThread(rt)
+    engine.start()
+    assert rt._warmed_thread == engine._thread.ident and engine.warm_up_seconds > 0
+    rt.open("s", RED, num_blocks=2)
+    assert rt.next_chunk("s", timeout=60).block == 0 and rt.next_chunk("s", timeout=60).block == 1
+    engine.stop(timeout=30)
+    assert not engine.alive
+
+    broken = runtime(pipe, max_sessions=1)
+    broken.engine.model = None  # the warm-up's first step fails
+    with pytest.raises(AttributeError, match="NoneType"):
+        EngineThread(broken).start()
