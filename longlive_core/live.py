@@ -12,8 +12,10 @@ it. Text encoding runs on its own thread (PromptEncoder). A session is queued ->
 
 Pacing: a live session is generated at most `lead_seconds` ahead of its playback clock (which starts when
 its first block is out). A new session's first block runs as a step of its own when the others have
-their lead buffered. A slow client never stalls the others: its buffer keeps the newest `buffer_blocks`
-blocks. `playback_speed=0` turns pacing off (batch work runs as fast as the device allows).
+their lead buffered. Each session keeps its newest `buffer_blocks` blocks in a ring that reading never
+empties: every viewer reads all of them at its own cursor (`read_block`, woken by `watch`), and a slow one
+never stalls the others; `next_chunk` is the one-reader cursor that jobs and scripts use.
+`playback_speed=0` turns pacing off (batch work runs as fast as the device allows).
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ class CapacityError(RuntimeError):
 
 class UnknownSessionError(KeyError):
     """No such session here (never opened, or ended and forgotten)."""
+
+
+class BlockGone(LookupError):
+    """The block asked for has left the session's ring (or was made before a restore here)."""
+
+    def __init__(self, session_id: str, block: int, oldest_frame: int):
+        super().__init__(f"block {block} of {session_id!r} is gone; the oldest frame kept is {oldest_frame}")
+        self.oldest_frame = oldest_frame
 
 
 class SessionEnded(ValueError):
@@ -125,18 +135,20 @@ class LiveSession:
     end_reason: str | None = None
     in_engine: bool = False  # holds an engine slot
     fresh: bool = True  # no block launched on this runtime yet: its first may run as a step of its own
-    buffer: deque[Chunk] = field(default_factory=deque)
+    ring: deque[Chunk] = field(default_factory=deque)  # the newest delivered blocks, in order
+    cursor: int = 0  # next_chunk's next block
+    watchers: list[Callable[[], None]] = field(default_factory=list)  # called on each block and the end
     decoder_stream: object = None
     blocks_made: int = 0  # blocks whose DiT step was launched (pacing)
     blocks_done: int = 0  # blocks decoded and delivered
     frames_done: int = 0
     playback_start: float | None = None  # clock time of its first block
-    dropped_blocks: int = 0
+    dropped_blocks: int = 0  # blocks next_chunk's reader never got (they left the ring first)
     stalled_blocks: int = 0  # paced: delivered after its first frame was due on the viewer's screen
     waiting: list[int] = field(default_factory=list)  # timeline indices posted, not yet applied
     encoding: dict[int, Future[Tensor]] = field(default_factory=dict)  # timeline index -> its embedding
     scheduled: dict[int, str] = field(default_factory=dict)  # block -> prompt applied right before it
-    read_blocks: int = 0  # blocks handed to a reader (a restore elsewhere resumes here)
+    read_blocks: int = 0  # blocks handed to a reader, the furthest one (a restore elsewhere resumes here)
     kept: dict[int, Tensor] = field(default_factory=dict)  # block -> clean latents, for checkpoints
     replay: dict[int, int] = field(default_factory=dict)  # restored: block -> timeline index applied there
 
@@ -149,6 +161,23 @@ class LiveSession:
             raise InvalidTransition(f"session {self.session_id!r}: {self.phase.value} -> {phase.value}")
         self.phase = phase
         self.end_reason = reason
+        if phase.final:
+            self.notify()
+
+    def notify(self) -> None:
+        for watcher in self.watchers:
+            watcher()
+
+    def block(self, index: int) -> Chunk | None:
+        """Block `index` from the ring; None while it is not made yet. Raises BlockGone."""
+        if index >= self.blocks_done:
+            return None
+        if not self.ring or index < self.ring[0].block:
+            oldest = self.ring[0].first_frame if self.ring else self.frames_done
+            raise BlockGone(self.session_id, index, oldest)
+        chunk = self.ring[index - self.ring[0].block]
+        self.read_blocks = max(self.read_blocks, index + 1)
+        return chunk
 
 
 @dataclass
@@ -356,23 +385,61 @@ class StreamingRuntime:
             self._wake.notify_all()
 
     def next_chunk(self, session_id: str, timeout: float | None = None) -> Chunk | None:
-        """The session's oldest buffered block; None once it has ended and its buffer is empty.
+        """The one-reader cursor: the next block it has not read (skipping, and counting as dropped, blocks
+        that left the ring first); None once the session has ended and it read every block.
         Raises TimeoutError when nothing arrives within `timeout` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             session = self._get(session_id)
-            while True:
-                session.last_read = self.clock()
-                if session.buffer:
-                    chunk = session.buffer.popleft()
-                    session.read_blocks = chunk.block + 1
-                    return chunk
-                if session.ended:
-                    return None
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"no block of session {session_id!r} within {timeout} s")
-                self._wake.wait(remaining)
+
+            def take() -> Chunk | None:
+                if session.ring and session.cursor < session.ring[0].block:
+                    session.dropped_blocks += session.ring[0].block - session.cursor
+                    session.cursor = session.ring[0].block
+                chunk = session.block(session.cursor)
+                if chunk is not None:
+                    session.cursor += 1
+                return chunk
+
+            return self._wait_for(session, take, timeout)
+
+    def read_block(self, session_id: str, block: int, timeout: float | None = None) -> Chunk | None:
+        """Block `block` of the session, for a viewer that keeps its own cursor (any number of them read
+        the same blocks); waits up to `timeout` s for it to be made. None: the session ended before it.
+        Raises BlockGone (it left the ring; the error says the oldest frame kept), TimeoutError."""
+        with self._lock:
+            session = self._get(session_id)
+            return self._wait_for(session, lambda: session.block(block), timeout)
+
+    def watch(self, session_id: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback()` whenever a block of the session is delivered, and when it ends; returns the
+        function that stops it. It runs on the runtime's threads under its lock: keep it to a hand-off,
+        e.g. `loop.call_soon_threadsafe(event.set)` for an asyncio stream."""
+        with self._lock:
+            session = self._get(session_id)
+            session.watchers.append(callback)
+
+        def unwatch() -> None:
+            with self._lock:
+                with contextlib.suppress(ValueError):
+                    session.watchers.remove(callback)
+
+        return unwatch
+
+    def _wait_for(
+        self, session: LiveSession, take: Callable[[], Chunk | None], timeout: float | None
+    ) -> Chunk | None:
+        """Under the lock: `take()`'s chunk once there is one; None once the session ended without one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            session.last_read = self.clock()
+            if (chunk := take()) is not None:
+                return chunk
+            if session.ended:
+                return None
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"no block of session {session.session_id!r} within {timeout} s")
+            self._wake.wait(remaining)
 
     def status(self, session_id: str) -> dict:
         with self._lock:
@@ -383,8 +450,9 @@ class StreamingRuntime:
                 "state": s.phase.value,
                 "blocks_done": s.blocks_done,
                 "frames_done": s.frames_done,
-                "buffered_blocks": len(s.buffer),
-                "dropped_blocks": s.dropped_blocks,
+                "buffered_blocks": s.blocks_done
+                - max(s.cursor, s.ring[0].block if s.ring else s.blocks_done),
+                "dropped_blocks": s.dropped_blocks + max(0, (s.ring[0].block if s.ring else 0) - s.cursor),
                 "seed": s.seed,
                 "error": s.end_reason if s.phase is SessionPhase.FAILED else None,
                 "prompts": [
@@ -457,7 +525,7 @@ class StreamingRuntime:
         timeline += [TimelineEntry(prompt, time.time(), event_id=event_id) for prompt, event_id in recovered]
         session = LiveSession(cp.session_id, cp.seed, cp.num_blocks, timeline, True, self.clock())
         session.engine_id = self._new_engine_id(cp.session_id)
-        session.blocks_done = session.blocks_made = session.read_blocks = block
+        session.blocks_done = session.blocks_made = session.read_blocks = session.cursor = block
         session.frames_done = video_frames(block * self.config.block_frames) if block else 0
         pending = []
         for index, entry in enumerate(timeline):
@@ -681,7 +749,9 @@ class StreamingRuntime:
         self.drain()
         with self._lock:
             for sid in ids:
-                self._sessions[sid].buffer.clear()
+                s = self._sessions[sid]
+                s.ring.clear()
+                s.cursor = s.blocks_done
                 self._sessions[sid].last_read = self.clock()
 
     # -- internals (engine thread, or under the lock where said) -----------------------------------
@@ -1006,15 +1076,14 @@ class StreamingRuntime:
             self._fail(made.owners[sid], reason)
 
     def _hand_over(self, s: LiveSession, frames: np.ndarray, kept: Tensor | None, now: float) -> None:
-        """Under the lock: one decoded block into the session's buffer."""
+        """Under the lock: one decoded block into the session's ring."""
         applied = [
             i for i, p in enumerate(s.prompts) if p.block is not None and 0 <= p.block <= s.blocks_done
         ]
         chunk = Chunk(s.blocks_done, s.frames_done, frames, max(applied, default=0))
-        if len(s.buffer) >= self.buffer_blocks:
-            s.buffer.popleft()
-            s.dropped_blocks += 1
-        s.buffer.append(chunk)
+        if len(s.ring) >= self.buffer_blocks:
+            s.ring.popleft()
+        s.ring.append(chunk)
         if kept is not None:
             s.kept[s.blocks_done] = kept
             oldest = s.blocks_done - self.window_blocks - ROLLBACK_BLOCKS
@@ -1031,8 +1100,10 @@ class StreamingRuntime:
         s.frames_done += len(frames)
         self.frames_made += len(frames)
         if s.num_blocks is not None and s.blocks_done >= s.num_blocks and not s.ended:
-            s.move_to(SessionPhase.ENDED, "finished")
+            s.move_to(SessionPhase.ENDED, "finished")  # tells the watchers
             s.decoder_stream = None
+        else:
+            s.notify()
 
 
 def compiled_graphs() -> int:

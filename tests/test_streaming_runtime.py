@@ -12,6 +12,7 @@ import pytest
 from longlive_core.cache_plan import PassShape, attention_shape, pass_shapes
 from longlive_core.config import GenerationConfig
 from longlive_core.live import (
+    BlockGone,
     CapacityError,
     InvalidTransition,
     LiveSession,
@@ -318,3 +319,31 @@ def test_the_engine_thread_warms_up_on_itself_and_reports_a_failed_warm_up(pipe)
     broken.engine.model = None  # the warm-up's first step fails
     with pytest.raises(AttributeError, match="NoneType"):
         EngineThread(broken).start()
+
+
+def test_every_viewer_reads_every_block_at_its_own_cursor(pipe):
+    """Two viewers and the one-reader cursor each get all blocks; a watcher hears of each block and of
+    the end; a viewer that fell behind the ring is told the oldest frame kept, and next_chunk's reader
+    skips (and counts) what it missed."""
+    rt = runtime(pipe, max_sessions=1, buffer_blocks=3)
+    rt.open("s", RED, num_blocks=6)
+    heard = []
+    unwatch = rt.watch("s", lambda: heard.append(rt._sessions["s"].blocks_done))
+    for _ in range(2):
+        rt.run_once()
+    first, second = rt.read_block("s", 0, timeout=0), rt.read_block("s", 0, timeout=0)
+    assert first is second and rt.next_chunk("s", timeout=0) is first  # nobody takes a block from another
+    assert [rt.read_block("s", b, timeout=0).block for b in (0, 1)] == [0, 1]
+    with pytest.raises(TimeoutError):
+        rt.read_block("s", 2, timeout=0)  # not made yet
+    while not rt.snapshot()[0].ended:
+        rt.run_once()
+    assert heard == [1, 2, 3, 4, 5, 6]  # each block (the last one ends the session: one call)
+    with pytest.raises(BlockGone) as gone:
+        rt.read_block("s", 1, timeout=0)  # the ring keeps blocks 3..5
+    assert gone.value.oldest_frame == rt.read_block("s", 3, timeout=0).first_frame
+    assert rt.read_block("s", 6, timeout=0) is None  # never made: the session ended first
+    assert [rt.next_chunk("s", timeout=0).block for _ in range(3)] == [3, 4, 5]
+    assert rt.next_chunk("s", timeout=0) is None and rt.status("s")["dropped_blocks"] == 2
+    unwatch()
+    assert rt._sessions["s"].watchers == []
