@@ -22,12 +22,22 @@ import redis
 from ray import serve
 
 from longlive_core.checkpoint import CheckpointError
+from longlive_core.engine_thread import EngineThread
 from longlive_core.fmp4 import FragmentedMp4Encoder, JpegEncoder
-from longlive_core.live import CapacityError, SessionPhase, SessionView, StreamingRuntime, UnknownSessionError
+from longlive_core.live import (
+    BlockGone,
+    CapacityError,
+    Chunk,
+    SessionPhase,
+    SessionView,
+    StreamingRuntime,
+    UnknownSessionError,
+)
+from longlive_core.schedule import block_of_frame
 
 from .checkpoints import CheckpointStore
 from .config import ServiceConfig
-from .errors import ReplicaFull, SessionMoved, SessionNotHere
+from .errors import FramesGone, ReplicaFull, SessionMoved, SessionNotHere
 from .metrics import log, metrics
 from .store import ReplicaEvents
 
@@ -66,13 +76,16 @@ class Generator:
         self.config = ServiceConfig(**config)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.host = build_host(self.config)
-        self.host.warm_up(self.config.warm_up_sessions)  # every batch size: nothing compiles while serving
+        self.metrics = metrics()
+        # Warmed up on the thread that then steps (CUDA handles are per thread): every batch size, so
+        # nothing compiles while serving; the replica is ready once it returns.
+        self.engine = EngineThread(self.host, self.config.warm_up_sessions, on_error=self._engine_failed)
+        self.engine.start()
         self.events = ReplicaEvents(self.config.redis_url, self.replica_id)
         self.events.set_free_slots(self.host.max_sessions)
         self.checkpoints = CheckpointStore(self.config.redis_url, self.config.checkpoint_ttl_s)
         self.jobs = build_job_worker(self.config, self.host, self.replica_id) if self.config.jobs else None
         self.redis_ok = True
-        self.metrics = metrics()
         self.metrics.capacity.set(self.host.max_sessions)
         self.log = log("longlive.generator", replica=self.replica_id)
         self.jobs_queued = 0
@@ -86,10 +99,7 @@ class Generator:
         self._moved: dict[str, None] = {}  # sessions closed here as another replica owns them now (ordered)
         self._restoring = asyncio.Lock()
         self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._engine_loop, name="engine", daemon=True),
-            threading.Thread(target=self._redis_loop, name="redis", daemon=True),
-        ]
+        self._threads = [threading.Thread(target=self._redis_loop, name="redis", daemon=True)]
         for thread in self._threads:
             thread.start()
 
@@ -133,36 +143,62 @@ class Generator:
     async def stream(
         self, session_id: str, fmt: str = "mp4", from_frame: int = 0, send_init: bool = True
     ) -> AsyncIterator[tuple[int, int, bytes]]:
-        """(first frame, frames, bytes) pieces from video frame `from_frame` on. fMP4: the init segment
-        (unless send_init is False: continuing a stream) + one fragment per block, decode times counted
-        from the session's start; jpeg: one JPEG per frame."""
+        """(first frame, frames, bytes) pieces from exactly video frame `from_frame` on. fMP4: the init
+        segment (unless send_init is False: continuing a stream) + one fragment per block, decode times
+        counted from the session's start; jpeg: one JPEG per frame. Each stream reads every block at its
+        own cursor. Raises FramesGone when `from_frame` has left the session's ring of blocks."""
         await self._ensure(session_id, from_frame)
         width, height = self.host.width, self.host.height
         encoder = None
-        while True:
-            chunk = await asyncio.to_thread(self._next_chunk, session_id)
-            if chunk is None:
-                if session_id in self._moved:
-                    raise SessionMoved(session_id)
-                return
-            if chunk.first_frame + len(chunk.frames) <= from_frame:
-                continue  # the viewer has it (a restore resumes at its block)
+        block = block_of_frame(from_frame, self.host.config.block_frames)
+        async for chunk in self._blocks(session_id, block):
+            skip = max(0, from_frame - chunk.first_frame)  # a resume inside a block starts at its frame
+            first, frames = chunk.first_frame + skip, chunk.frames[skip:]
             if fmt == "jpeg":
                 encoder = encoder or JpegEncoder(width, height)
-                for i, frame in enumerate(chunk.frames):
-                    if chunk.first_frame + i >= from_frame:
-                        yield chunk.first_frame + i, 1, await asyncio.to_thread(encoder.encode, frame)
+                for i, frame in enumerate(frames):
+                    yield first + i, 1, await asyncio.to_thread(encoder.encode, frame)
                 continue
             if encoder is None:
                 encoder = FragmentedMp4Encoder(
-                    width,
-                    height,
-                    start_frame=chunk.first_frame,
-                    start_fragment=chunk.block,
-                    send_init=send_init,
+                    width, height, start_frame=first, start_fragment=chunk.block, send_init=send_init
                 )
-            data = await asyncio.to_thread(encoder.encode_block, chunk.frames)
-            yield chunk.first_frame, len(chunk.frames), data
+            data = await asyncio.to_thread(encoder.encode_block, frames)
+            yield first, len(frames), data
+        if session_id in self._moved:
+            raise SessionMoved(session_id)
+
+    async def _blocks(self, session_id: str, block: int) -> AsyncIterator[Chunk]:
+        """The session's blocks from `block` on, as they are delivered. Waiting holds no thread: the
+        runtime wakes an asyncio event (watch). Ends with the session, or when no block came for
+        idle_timeout_s."""
+        loop = asyncio.get_running_loop()
+        delivered = asyncio.Event()
+        try:
+            unwatch = self.host.watch(session_id, lambda: loop.call_soon_threadsafe(delivered.set))
+        except UnknownSessionError:
+            return
+        try:
+            while True:
+                delivered.clear()  # before the read: a block delivered after it sets the event again
+                try:
+                    chunk = self.host.read_block(session_id, block, timeout=0)
+                except TimeoutError:  # not made yet
+                    try:
+                        await asyncio.wait_for(delivered.wait(), self.config.idle_timeout_s)
+                    except TimeoutError:
+                        return
+                    continue
+                except BlockGone as gone:
+                    raise FramesGone(gone.oldest_frame) from None
+                except UnknownSessionError:
+                    return
+                if chunk is None:
+                    return
+                yield chunk
+                block += 1
+        finally:
+            unwatch()
 
     async def info(self) -> dict:
         return {
@@ -183,12 +219,15 @@ class Generator:
 
     def check_health(self) -> None:
         # Redis being away is not a replica failure (a restart would lose its live sessions).
+        if not self.engine.alive:
+            raise RuntimeError("engine thread died")
         for thread in self._threads:
             if not thread.is_alive():
                 raise RuntimeError(f"{thread.name} thread died")
 
     def __del__(self) -> None:
         self._stop.set()
+        self.engine.stop(timeout=0)
         if self.jobs is not None:
             self.jobs.stop.set()
 
@@ -233,12 +272,6 @@ class Generator:
                 extra={"session_id": session_id},
             )
 
-    def _next_chunk(self, session_id: str):
-        try:
-            return self.host.next_chunk(session_id, timeout=self.config.idle_timeout_s)
-        except (UnknownSessionError, TimeoutError):
-            return None
-
     @staticmethod
     def _call(method, session_id: str):
         try:
@@ -246,14 +279,9 @@ class Generator:
         except UnknownSessionError:
             raise SessionNotHere(session_id) from None
 
-    def _engine_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.host.run_once()
-            except Exception:
-                self.log.exception("engine loop failed")
-                self.metrics.error("generator", "engine")
-                raise
+    def _engine_failed(self, _: BaseException) -> None:
+        """The engine loop ended on a bug (logged by EngineThread); check_health then fails the replica."""
+        self._guarded(lambda: self.metrics.error("generator", "engine"), "metrics")
 
     def _redis_loop(self) -> None:
         """Prompt events in, checkpoints and free slots out. Redis away (redis-py's ConnectionError or
