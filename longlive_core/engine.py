@@ -199,8 +199,8 @@ class Engine:
     # -- state (training checkpoints) --------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a step reads: caches, clean-latent history, prompts and the scheduler. Tensors and
-        plain data only, so it loads with torch.load(weights_only=True). Restoring it continues the
-        sessions bit for bit."""
+        plain data only (what `state_file.save_state` writes). Restoring it continues the sessions bit for
+        bit."""
         if self._restoring:
             raise RuntimeError("sessions are waiting to be restored; step once before saving")
         return {
