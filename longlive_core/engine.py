@@ -67,6 +67,8 @@ class Engine:
     """Generates latent blocks for up to `max_sessions` concurrent sessions of one latent size.
 
     latent_size: (height, width) of the latent frames (480x832 video -> 60x104).
+    model is left as it is: the runtime's quantization and compilation apply to the engine's own copy of
+    its modules (`runtime.prepare`; the parameters are shared).
     """
 
     def __init__(
