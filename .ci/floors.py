@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import re
 import sys
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 SPEC = re.compile(r"^([A-Za-z0-9_.\-]+(?:\[[^\]]*\])?)\s*(.*)$")
 
