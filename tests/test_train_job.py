@@ -121,7 +121,7 @@ def test_two_workers_report_metrics_and_merge_checkpoints(uninterrupted, storage
         state = load_state(checkpoint / STATE_FILE)
         assert (state["step"], state["world_size"]) == (step, 2)
         assert (checkpoint / "models/lora.pt").is_file() and (checkpoint / "models/critic_lora.pt").is_file()
-        rollouts = sorted(p.name for p in (checkpoint / "rollout").glob("*"))
+        rollouts = sorted(p.name for p in (checkpoint / "rollout").glob("*.safetensors"))
         assert rollouts == (["rank0.safetensors", "rank1.safetensors"] if mid_sequence else []), step
         if mid_sequence:  # each worker's own sequence, merged by Ray Train into one directory
             rank0, rank1 = ((checkpoint / rollout_file(r)).read_bytes() for r in (0, 1))
