@@ -185,7 +185,7 @@ async def run_session(load: Load, client: httpx.AsyncClient, base: str, i: int, 
             await load.request(client, "status", "GET", url, headers=headers)
             try:
                 await asyncio.wait_for(done.wait(), args.status_every)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     done = asyncio.Event()
@@ -264,7 +264,7 @@ async def drive(base: str, args) -> tuple[Load, float, bool]:
         try:
             await asyncio.wait_for(asyncio.gather(*tasks), args.deadline)
             timed_out = False
-        except asyncio.TimeoutError:
+        except TimeoutError:
             timed_out = True
             # Cut short: what could not be checked counts as lost.
             for s in load.sessions:

@@ -10,7 +10,7 @@ A step = train -> report -> checkpoint:
 1. `DMDTrainer.train_step()` on every worker.
 2. `ray.train.report` of the step's metrics from every worker (Ray keeps rank 0's).
 3. Every `checkpoint_every` steps and at the last one, every worker saves into its own temporary directory
-   (rank 0 everything, the others only `rollout/rank{r}.pt`, their live rollout in the middle of a
+   (rank 0 everything, the others only `rollout/rank{r}.safetensors`, their live rollout in the middle of a
    sequence) and reports it with the same `checkpoint_step{N}` name; Ray Train copies each worker's files
    into that one directory of the run, `{storage}/{name}/checkpoint_step{N}`, and registers it once every
    worker has reported. Its `models/lora.pt` is what `LongLivePipeline.load_lora_weights` reads.

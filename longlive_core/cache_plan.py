@@ -1,8 +1,9 @@
 """Which frames a pass computes, which cache slots it writes and which slots each query frame sees.
 
-Torch-free: this is DESIGN.md section 2's table written as code. A session's self-attention cache has
-`window_frames` slots of one latent frame each: slots [0, sink_frames) hold the frame sink, the rest
-are a ring of recent frames (frame j lives in slot sink + (j - sink) mod (window - sink)). A block
+Torch-free: this is docs/DESIGN.md's pass table (sections 2 and 7.2) written as code. A session's
+self-attention cache has `window_frames` slots of one latent frame each: slots [0, sink_frames) hold the
+frame sink, the rest are a ring of recent frames (frame j lives in slot sink + (j - sink) mod
+(window - sink)). A block
 writes its frames into their ring slots, which evicts exactly the frames its queries must no longer
 see, so after the writes every occupied slot is visible: sink + last (window - sink - block)
 committed frames + the block itself.
@@ -43,7 +44,7 @@ class CacheLayout:
         self.slot_frames = [EMPTY] * config.window_frames
         self.sink_start = 0  # first frame of the sink (moves only on a recache with global_sink off)
 
-    # -- state (plain data: checkpoints load with torch.load(weights_only=True), no pickle) --------------
+    # -- state (plain JSON-able data: state files are safetensors + JSON, longlive_core/state_file.py) --
     def state_dict(self) -> dict:
         return {
             "first_frame": self.first_frame,

@@ -1,6 +1,6 @@
 """A live session's checkpoint: what rebuilds it on another host after its host died or was drained.
 
-Small outside the GPU (DESIGN.md section 4): the prompt timeline, the frame index, the seed, the
+Small outside the GPU (docs/DESIGN.md section 4): the prompt timeline, the frame index, the seed, the
 position in its prompt-event log and clean latents of a few blocks: the first `window_blocks` (the
 pass that last wrote the frame sink is among them) and the last `window_blocks + ROLLBACK_BLOCKS`
 (the cache window at any block a restore may resume at). ~7 MB per session at 480x832 in bf16.

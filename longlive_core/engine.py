@@ -67,6 +67,8 @@ class Engine:
     """Generates latent blocks for up to `max_sessions` concurrent sessions of one latent size.
 
     latent_size: (height, width) of the latent frames (480x832 video -> 60x104).
+    model is left as it is: the runtime's quantization and compilation apply to the engine's own copy of
+    its modules (`runtime.prepare`; the parameters are shared).
     """
 
     def __init__(
@@ -201,8 +203,8 @@ class Engine:
     # -- state (training checkpoints) --------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a step reads: caches, clean-latent history, prompts and the scheduler. Tensors and
-        plain data only, so it loads with torch.load(weights_only=True). Restoring it continues the
-        sessions bit for bit."""
+        plain data only (what `state_file.save_state` writes). Restoring it continues the sessions bit for
+        bit."""
         if self._restoring:
             raise RuntimeError("sessions are waiting to be restored; step once before saving")
         return {

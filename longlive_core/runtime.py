@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -45,9 +47,15 @@ def compile_blocks(model: CausalWanTransformer) -> CausalWanTransformer:
 
 
 def prepare(model: CausalWanTransformer, runtime: RuntimeConfig) -> CausalWanTransformer:
-    """Apply the runtime to the model in place: quantize the block linears, then compile the blocks."""
-    quantize_blocks(model, runtime.linear)
-    if runtime.compile and not getattr(model, "_longlive_compiled", False):
-        compile_blocks(model)
-        model._longlive_compiled = True
-    return model
+    """The model an engine runs, never changing `model`: `model` itself when the runtime applies nothing,
+    else a copy of its module tree that shares every parameter and buffer, with the copy's block linears
+    quantized and its blocks compiled. Compiled graphs are cached by code, not by module, so a second
+    engine's copy reuses the first's. A quantized copy holds its own fp8/int8 weights beside the caller's."""
+    if runtime.linear == "bf16" and not runtime.compile:
+        return model
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    own = copy.deepcopy(model, memo=shared)
+    quantize_blocks(own, runtime.linear)
+    if runtime.compile:
+        compile_blocks(own)
+    return own

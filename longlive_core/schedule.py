@@ -1,4 +1,4 @@
-"""Prompt schedules and the video-length rules of DESIGN.md section 5.
+"""Prompt schedules and the video-length rules of docs/DESIGN.md section 5.
 
 Video frames = 1 + 4 * (latent frames - 1); latent frames come in whole blocks (the first block of 3
 gives 9 video frames, every later one 12). S seconds -> the fewest blocks with >= 16 * S frames.

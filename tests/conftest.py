@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest_plugins = ["tests.skip_policy"]  # a skip CI does not expect fails the run
+
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory):

@@ -2,7 +2,7 @@
 
 Written independently of `longlive_core`'s cache code: no slots, no ring, no planner. Every computed
 version of every latent frame is kept as a *group* of token rows with its own input, timestep,
-prompt and the list of groups it may attend to, taken from DESIGN.md section 2's table in frame
+prompt and the list of groups it may attend to, taken from docs/DESIGN.md section 2's table in frame
 terms. Each pass re-runs the whole history in one masked forward (float64, own RoPE with complex
 numbers, own norms), reading only the model's weights.
 """
@@ -174,7 +174,7 @@ class MaskedReference:
 
 @dataclass
 class ReferenceGenerator:
-    """LongLive generation re-derived from DESIGN.md's table, one masked reference forward per pass.
+    """LongLive generation re-derived from docs/DESIGN.md's table, one masked reference forward per pass.
 
     `visible_fn` (optional) replaces the block visibility rule: the negative controls use it.
     """

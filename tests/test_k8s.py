@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,6 @@ from packaging.version import Version
 
 from deployments.config import ServiceConfig
 
-tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 

@@ -64,3 +64,31 @@ def test_quantized_engine_stays_close_to_float(mode):
     quantized = _blocks(RuntimeConfig(linear=mode), blocks=3)
     errors = [rel_err(a, b) for a, b in zip(quantized, reference, strict=True)]
     assert 1e-4 < max(errors) < (0.1 if mode == "fp8" else 0.05)
+
+
+def _module_snapshot(model) -> list[tuple[str, type, bool]]:
+    return [(name, type(m), "_compiled_call_impl" in vars(m)) for name, m in model.named_modules()]
+
+
+def test_the_engine_leaves_its_callers_model_alone():
+    """Compiling and quantizing apply to the engine's own copy: the caller's model keeps its modules,
+    parameters and function. Control: the engine's model is quantized and compiled."""
+    import torch
+
+    from longlive_core.quantization import QuantizedLinear
+
+    model = tiny_model(seed=0)
+    modules = _module_snapshot(model)
+    params = {name: (p.data_ptr(), p.detach().clone()) for name, p in model.state_dict().items()}
+    engine = Engine(model, GenerationConfig(), SIZE, runtime=RuntimeConfig(compile=True, linear="int8"))
+    assert _module_snapshot(model) == modules
+    assert all(
+        p.data_ptr() == params[name][0] and torch.equal(p, params[name][1])
+        for name, p in model.state_dict().items()
+    )
+    assert engine.model is not model
+    assert any(isinstance(m, QuantizedLinear) for m in engine.model.modules())
+    assert all("_compiled_call_impl" in vars(block) for block in engine.model.blocks)
+    # Unquantized parameters are shared, not copied.
+    assert engine.model.patch_embedding.weight is model.patch_embedding.weight
+    assert Engine(model, GenerationConfig(), SIZE).model is model  # nothing to apply: the model itself

@@ -1,4 +1,5 @@
-"""Length and switch rounding rules (DESIGN.md section 5) and schedule files with line-numbered errors."""
+"""Length and switch rounding rules (docs/DESIGN.md section 5) and schedule files with line-numbered
+errors."""
 
 from __future__ import annotations
 

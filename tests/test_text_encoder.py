@@ -229,7 +229,7 @@ def test_umt5_xxl_preset():
     assert hf.is_gated_act and hf.dense_act_fn == "gelu_new"
     with torch.device("meta"):
         model = UMT5EncoderModel(hf)
-    assert sum(p.numel() for p in model.parameters()) == 5_680_910_336  # "5.7B" (DESIGN.md)
+    assert sum(p.numel() for p in model.parameters()) == 5_680_910_336  # "5.7B" (docs/DESIGN.md)
     assert len(wan_key_table(24)) == 242  # = Wan's enc checkpoint: 10 per block + embedding + norm
 
 

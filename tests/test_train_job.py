@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from jobs.train import CRASH_AT_STEP, CRASH_MARKER, build_config, load_config, main, run
+from longlive_core.state_file import load_state
+from longlive_core.training.trainer import STATE_FILE, rollout_file
 from tests.helpers import TINY_TRAINING
 
 PROMPTS = ["a red robot in a rainy city", "the robot walks into a forest", "a cat on a sofa", "waves at dusk"]
@@ -116,13 +118,13 @@ def test_two_workers_report_metrics_and_merge_checkpoints(uninterrupted, storage
     ]
     for step, mid_sequence in [(2, True), (4, False), (6, True)]:
         checkpoint = run_dir / f"checkpoint_step{step:06d}"
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+        state = load_state(checkpoint / STATE_FILE)
         assert (state["step"], state["world_size"]) == (step, 2)
         assert (checkpoint / "models/lora.pt").is_file() and (checkpoint / "models/critic_lora.pt").is_file()
-        rollouts = sorted(p.name for p in (checkpoint / "rollout").glob("*.pt"))
-        assert rollouts == (["rank0.pt", "rank1.pt"] if mid_sequence else []), step
+        rollouts = sorted(p.name for p in (checkpoint / "rollout").glob("*.safetensors"))
+        assert rollouts == (["rank0.safetensors", "rank1.safetensors"] if mid_sequence else []), step
         if mid_sequence:  # each worker's own sequence, merged by Ray Train into one directory
-            rank0, rank1 = ((checkpoint / "rollout" / f"rank{r}.pt").read_bytes() for r in (0, 1))
+            rank0, rank1 = ((checkpoint / rollout_file(r)).read_bytes() for r in (0, 1))
             assert rank0 != rank1
     # Training moved the weights: the step-2 and the final LoRA differ.
     early, last = lora(run_dir / "checkpoint_step000002"), lora(final)
@@ -158,8 +160,8 @@ def test_worker_crash_resumes_from_the_latest_checkpoint(uninterrupted, prompts,
     assert_same_weights(final, Path(uninterrupted.checkpoint.path))
     # Resumed, not started over: the step-2 checkpoint predates the crash, the step-4 one follows it.
     crashed_at = marker.stat().st_mtime_ns
-    assert (final.parent / "checkpoint_step000002/trainer_state.pt").stat().st_mtime_ns <= crashed_at
-    assert (final.parent / "checkpoint_step000004/trainer_state.pt").stat().st_mtime_ns > crashed_at
+    assert (final.parent / "checkpoint_step000002" / STATE_FILE).stat().st_mtime_ns <= crashed_at
+    assert (final.parent / "checkpoint_step000004" / STATE_FILE).stat().st_mtime_ns > crashed_at
 
 
 def test_resume_from_a_checkpoint_directory(uninterrupted, prompts, storage):

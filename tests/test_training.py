@@ -20,6 +20,7 @@ from longlive_core.pipeline import LongLivePipeline
 from longlive_core.training import DMDTrainer, TrainingConfig
 from longlive_core.training.dmd import NoiseLevel, ScoreContexts, dmd_loss
 from longlive_core.training.models import critic_from
+from longlive_core.training.trainer import rollout_file
 from tests.helpers import TINY_TRAINING, tiny_model
 
 PROMPTS = ["a red robot in a rainy city", "the robot walks into a forest", "a boat on a calm sea"]
@@ -213,7 +214,7 @@ def test_resuming_from_a_checkpoint_makes_the_step_an_uninterrupted_run_makes(tm
     for _ in range(2):
         uninterrupted.train_step()
     checkpoint = uninterrupted.save(tmp_path / "step2")
-    assert (checkpoint / "rollout" / "rank0.pt").is_file()
+    assert (checkpoint / rollout_file(0)).is_file()
     expected = uninterrupted.train_step()
 
     resumed = DMDTrainer.from_config(config, "cpu")

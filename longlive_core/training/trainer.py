@@ -10,8 +10,9 @@ A step = roll out -> score -> update:
 
 All randomness is a function of (seed, step, worker), so resuming from a checkpoint gives exactly the
 step an uninterrupted run makes. Checkpoints are directories: `models/lora.pt` (LongLive's format, what
-`LongLivePipeline.load_lora_weights` reads), `models/critic_lora.pt`, `trainer_state.pt` and, in the
-middle of a sequence, `rollout/rank{r}.pt` (each worker's live rollout).
+`LongLivePipeline.load_lora_weights` reads), `models/critic_lora.pt`, `trainer_state.safetensors` and, in
+the middle of a sequence, `rollout/rank{r}.safetensors` (each worker's live rollout). The LoRA files are
+torch files of tensors (LongLive's format); the two state files are `state_file`'s (safetensors + JSON).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..lora import add_lora, load_lora_state_dict, lora_state_dict
 from ..models.transformer_causal_wan import CausalWanTransformer, ContextKV
 from ..noise import noise_seed
 from ..pipeline import VAE_STRIDE, check_size
+from ..state_file import load_state, save_state
 from ..text_encoder import TextEncoder
 from .config import TrainingConfig
 from .dmd import NoiseLevel, ScoreContexts, critic_loss, dmd_loss
@@ -39,12 +41,17 @@ from .models import critic_from, load_dit
 from .prompts import PromptPairs
 
 logger = logging.getLogger(__name__)
-LORA_FILE, CRITIC_FILE, STATE_FILE = "models/lora.pt", "models/critic_lora.pt", "trainer_state.pt"
+LORA_FILE, CRITIC_FILE = "models/lora.pt", "models/critic_lora.pt"
+STATE_FILE = "trainer_state.safetensors"
+
+
+def rollout_file(rank: int) -> str:
+    return f"rollout/rank{rank}.safetensors"
 
 
 def load_checkpoint_file(path: Path) -> dict:
-    """A checkpoint file holds tensors and plain data only; any other object (what a crafted pickle
-    would run code through) is refused before it is built."""
+    """A LoRA file holds tensors and plain data only; any other object (what a crafted pickle would run
+    code through) is refused before it is built."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # only the exception type: nothing here unpickles objects
@@ -255,7 +262,7 @@ class DMDTrainer:
         (directory / "models").mkdir(parents=True, exist_ok=True)
         if self.step % self.steps_per_sequence:
             (directory / "rollout").mkdir(exist_ok=True)
-            torch.save(self.engine.state_dict(), directory / "rollout" / f"rank{self.rank}.pt")
+            save_state(self.engine.state_dict(), directory / rollout_file(self.rank))
         if rollout_only:
             return directory
         lora = dict(lora_rank=self.config.lora_rank, lora_alpha=self.config.lora_alpha)
@@ -268,7 +275,7 @@ class DMDTrainer:
             "generator_optimizer": self.generator_optimizer.state_dict(),
             "critic_optimizer": self.critic_optimizer.state_dict(),
         }
-        torch.save(state, directory / STATE_FILE)
+        save_state(state, directory / STATE_FILE)
         return directory
 
     def load(self, directory: str | Path) -> None:
@@ -279,14 +286,14 @@ class DMDTrainer:
             raise FileNotFoundError(f"no training checkpoint in {directory} ({STATE_FILE} missing)")
         load_lora_state_dict(self.student, load_checkpoint_file(directory / LORA_FILE)["generator_lora"])
         load_lora_state_dict(self.critic, load_checkpoint_file(directory / CRITIC_FILE)["critic_lora"])
-        state = load_checkpoint_file(directory / STATE_FILE)
+        state = load_state(directory / STATE_FILE)
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.step = state["step"]
         sequence, position = divmod(self.step, self.steps_per_sequence)
-        rollout = directory / "rollout" / f"rank{self.rank}.pt"
+        rollout = directory / rollout_file(self.rank)
         if position and rollout.is_file():
-            self.engine.load_state_dict(load_checkpoint_file(rollout))
+            self.engine.load_state_dict(load_state(rollout))
             self.rows = self._rows(sequence)
         elif position:
             logger.warning(
