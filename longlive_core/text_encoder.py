@@ -283,10 +283,12 @@ class TextEncoder:
 
     def offload(self, device: str | torch.device) -> TextEncoder:
         """Low-memory mode: weights wait in pinned host memory and visit `device` only to encode a batch
-        of new prompts (umT5-XXL: 11 GB in bf16, copied in well under a second); embeddings are returned
-        on `device`."""
+        of new prompts (umT5-XXL: 11 GB in bf16, copied in well under a second), the token embedding and
+        each block one at a time, while it runs: the device holds the largest of them (umT5-XXL's 2.1 GB
+        embedding), not all 11 GB. Embeddings are returned on `device`."""
         self._cache.clear()
-        self._offload = HostOffload(self.model, device)
+        encoder = self.model.encoder
+        self._offload = HostOffload(self.model, device, parts=[encoder.embed_tokens, *encoder.block])
         return self
 
     # -- loading -------------------------------------------------------------------------------------------

@@ -161,6 +161,21 @@ def test_offloaded_encoder_lends_its_weights_only_while_encoding():
     assert not torch.equal(offloaded.encode("a blue dog"), expected[: len(offloaded.encode("a blue dog"))])
 
 
+def test_offloaded_encoder_lends_one_block_at_a_time():
+    """Low-memory mode lends the embedding and each block only while it runs (the device then holds one
+    of them, not the whole encoder), and the embeddings are exactly those of the resident encoder."""
+    expected = TextEncoder.tiny_random().encode("a red cat")
+    offloaded = TextEncoder.tiny_random().offload("cpu")
+    offload, encoder = offloaded._offload, offloaded.model.encoder
+    lent_while_running = []
+    for block in encoder.block:
+        block.register_forward_pre_hook(lambda *_: lent_while_running.append(set(offload.lent_parts)))
+    torch.testing.assert_close(offloaded.encode("a red cat"), expected, atol=0, rtol=0)
+    blocks = len(encoder.block)
+    assert blocks >= 2 and lent_while_running == [{i} for i in range(1, blocks + 1)]  # part 0: embedding
+    assert offload.lent_parts == set()  # all back on the host after the visit
+
+
 def test_encode_many_batches_misses_once_and_matches_single():
     enc = TextEncoder.tiny_random()
     calls = count_forwards(enc)
