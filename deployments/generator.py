@@ -311,7 +311,9 @@ class Generator:
             view = views.get(session_id)
             if view is None or view.ended:
                 if session_id not in self._moved:
-                    self.checkpoints.delete(session_id)  # ended here: nothing to restore elsewhere
+                    # Ended here (its client, max_seconds, idle, a failure): nothing to restore elsewhere,
+                    # and the ingress refuses its prompts from now on.
+                    self.events.mark_ended(session_id)
                 self.events.unfollow(session_id)
                 self.checkpoints.forget(session_id)
                 saved.pop(session_id, None)

@@ -8,17 +8,24 @@ An idempotency key maps to the first job submitted under it (`job:key:{key}`, SE
 
 Every call may raise `UNREACHABLE` while Redis is away (down, restarting, loading its append-only file):
 the worker retries those (jobs/worker.py) instead of failing the job. Socket timeouts bound how long a
-call waits on a Redis that does not answer.
+call waits on a Redis that does not answer; idempotent commands are re-sent by redis-py's Retry, the
+others (SET NX and XADD of a submit, XREADGROUP and HINCRBY of a claim) never (jobs/redis_client.py).
+
+A cancel of a job no worker runs (queued, or given back by a preempted worker) takes effect at once:
+its state turns "cancelled" and a later claim only acknowledges its entry. A running job's worker reads
+the flag after each block.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass
 
 import redis
 
+from .redis_client import sync_client
 from .schemas import SubmitJob
 
 STREAM, GROUP, DEAD = "jobs", "workers", "jobs:dead"
@@ -27,6 +34,21 @@ KEY = "job:key:{}"
 RECORD_TTL_S = 7 * 24 * 3600
 ENDED = ("done", "failed", "cancelled")
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError is a ConnectionError
+ID_FORMAT = re.compile(r"[A-Za-z0-9_-]{22}")  # what secrets.token_urlsafe(16) makes
+# Cancel: a queued job ends here and now; a running one gets the flag its worker reads. Returns whether
+# the job was still going.
+_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'done' or state == 'failed' or state == 'cancelled' then return 0 end
+redis.call('HSET', KEYS[1], 'cancel', 1)
+if state == 'queued' then redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1]) end
+return 1
+"""
+
+
+def valid_job_id(value: str) -> bool:
+    """Checked before an id goes into a key name (`key:x` must not reach `job:key:x`)."""
+    return ID_FORMAT.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -38,10 +60,12 @@ class Claimed:
 
 
 class JobQueue:
-    def __init__(self, redis_url: str, max_attempts: int = 3, stale_after_s: float = 60.0):
-        self.redis = redis.Redis.from_url(
-            redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15
-        )
+    def __init__(
+        self, redis_url: str, max_attempts: int = 3, stale_after_s: float = 60.0, timeout_s: float = 15.0
+    ):
+        self.redis = sync_client(redis_url, timeout_s)
+        self.once = sync_client(redis_url, timeout_s, idempotent=False)  # commands never re-sent
+        self._cancel = self.redis.register_script(_CANCEL)
         self.max_attempts = max_attempts
         self.stale_after_ms = int(stale_after_s * 1000)
         try:
@@ -56,7 +80,7 @@ class JobQueue:
         job_id = secrets.token_urlsafe(16)
         if request.idempotency_key is not None:
             key = KEY.format(request.idempotency_key)
-            if not self.redis.set(key, job_id, nx=True, ex=RECORD_TTL_S):
+            if not self.once.set(key, job_id, nx=True, ex=RECORD_TTL_S):
                 return self.redis.get(key), True
         record = {
             "request": request.model_dump_json(),
@@ -70,19 +94,15 @@ class JobQueue:
         }
         self.redis.hset(JOB.format(job_id), mapping=record)
         self.redis.expire(JOB.format(job_id), RECORD_TTL_S)
-        self.redis.xadd(STREAM, {"job_id": job_id})
+        self.once.xadd(STREAM, {"job_id": job_id})
         return job_id, False
 
     def get(self, job_id: str) -> dict | None:
         return self.redis.hgetall(JOB.format(job_id)) or None
 
     def cancel(self, job_id: str) -> bool:
-        """Ask the job to stop (its worker checks every block); False if it has already ended."""
-        key = JOB.format(job_id)
-        if self.redis.hget(key, "state") in ENDED:
-            return False
-        self.redis.hset(key, "cancel", 1)
-        return True
+        """Cancel a queued job now, a running one at its next block; False if it has already ended."""
+        return bool(self._cancel(keys=[JOB.format(job_id)], args=[time.time()]))
 
     # -- workers -----------------------------------------------------------------------------------
     def claim(self, consumer: str, block_ms: int = 1000) -> Claimed | None:
@@ -91,16 +111,20 @@ class JobQueue:
         stale = self.redis.xautoclaim(STREAM, GROUP, consumer, self.stale_after_ms, "0-0", count=1)[1]
         entries = stale or [
             entry
-            for _, found in (self.redis.xreadgroup(GROUP, consumer, {STREAM: ">"}, 1, block_ms) or [])
+            for _, found in (self.once.xreadgroup(GROUP, consumer, {STREAM: ">"}, 1, block_ms) or [])
             for entry in found
         ]
         for entry_id, fields in entries:
             job_id = fields["job_id"]
-            attempt = self.redis.hincrby(JOB.format(job_id), "attempts", 1)
-            record = self.get(job_id)
-            if record.get("cancel") or record.get("state") in ("done", "cancelled"):
-                self.finish(job_id, entry_id, "cancelled" if record.get("cancel") else record["state"])
+            record = self.get(job_id) or {}
+            if not record or record.get("cancel") or record.get("state") in ENDED:
+                # Expired, cancelled or ended: acknowledged without another attempt.
+                if record.get("cancel") and record.get("state") not in ENDED:
+                    self.finish(job_id, entry_id, "cancelled")  # its worker died before it saw the flag
+                else:
+                    self.redis.xack(STREAM, GROUP, entry_id)
                 return None
+            attempt = self.once.hincrby(JOB.format(job_id), "attempts", 1)
             if attempt > self.max_attempts:
                 self.dead_letter(job_id, entry_id, record.get("error") or "worker died")
                 return None
@@ -129,9 +153,10 @@ class JobQueue:
         self.redis.xack(STREAM, GROUP, entry_id)
 
     def release(self, claimed: Claimed) -> None:
-        """Give a preempted job back: pending, it is taken over once idle for `stale_after_s`."""
-        self.redis.hset(JOB.format(claimed.job_id), mapping={"state": "queued"})
-        self.redis.hincrby(JOB.format(claimed.job_id), "attempts", -1)  # preemption is not a failure
+        """Give a preempted job back: pending, it is taken over once idle for `stale_after_s`. Preemption
+        is not a failure: the attempt is taken back (set, not decremented: safe to send again)."""
+        mapping = {"state": "queued", "attempts": claimed.attempt - 1}
+        self.redis.hset(JOB.format(claimed.job_id), mapping=mapping)
 
     def fail(self, claimed: Claimed, error: str) -> None:
         """Record the error; the entry stays pending, so it is retried after `stale_after_s`."""

@@ -69,8 +69,9 @@ class LocalStore:
     def abort_stale(self, key: str) -> None:
         (self.root / f"{key}.partial").unlink(missing_ok=True)
 
-    def url(self, key: str, expires_s: int = 3600) -> str:
-        return (self.root / key).resolve().as_uri()
+    def path(self, key: str) -> Path:
+        """Where the object is (the service serves it at GET /v1/jobs/{id}/video.mp4)."""
+        return self.root / key
 
 
 class LocalUpload:
