@@ -11,9 +11,10 @@ the worker retries those (jobs/worker.py) instead of failing the job. Socket tim
 call waits on a Redis that does not answer; idempotent commands are re-sent by redis-py's Retry, the
 others (SET NX and XADD of a submit, XREADGROUP and HINCRBY of a claim) never (jobs/redis_client.py).
 
-A cancel of a job no worker runs (queued, or given back by a preempted worker) takes effect at once:
-its state turns "cancelled" and a later claim only acknowledges its entry. A running job's worker reads
-the flag after each block.
+A cancel takes effect in the record at once (state "cancelled"), whoever holds the job: a job no worker
+runs (queued, given back by a preempted worker, or held by a dead one) is never run again (a later claim
+only acknowledges its entry), and a running job's worker sees it at its next heartbeat, after each block,
+and removes what it made. Once a job has ended its record takes no more writes from workers.
 """
 
 from __future__ import annotations
@@ -35,13 +36,12 @@ RECORD_TTL_S = 7 * 24 * 3600
 ENDED = ("done", "failed", "cancelled")
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError is a ConnectionError
 ID_FORMAT = re.compile(r"[A-Za-z0-9_-]{22}")  # what secrets.token_urlsafe(16) makes
-# Cancel: a queued job ends here and now; a running one gets the flag its worker reads. Returns whether
-# the job was still going.
-_CANCEL = """
+# A job's record changes only while it has not ended: a cancel wins over a worker's late write (its
+# heartbeat, a release, a "done"). Returns whether it wrote.
+_UPDATE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or state == 'done' or state == 'failed' or state == 'cancelled' then return 0 end
-redis.call('HSET', KEYS[1], 'cancel', 1)
-if state == 'queued' then redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
@@ -65,7 +65,7 @@ class JobQueue:
     ):
         self.redis = sync_client(redis_url, timeout_s)
         self.once = sync_client(redis_url, timeout_s, idempotent=False)  # commands never re-sent
-        self._cancel = self.redis.register_script(_CANCEL)
+        self._update = self.redis.register_script(_UPDATE)
         self.max_attempts = max_attempts
         self.stale_after_ms = int(stale_after_s * 1000)
         try:
@@ -100,9 +100,14 @@ class JobQueue:
     def get(self, job_id: str) -> dict | None:
         return self.redis.hgetall(JOB.format(job_id)) or None
 
+    def update(self, job_id: str, **fields: str | int | float) -> bool:
+        """Write fields of a job that has not ended; False (nothing written) once it has."""
+        args = [item for pair in fields.items() for item in pair]
+        return bool(self._update(keys=[JOB.format(job_id)], args=args))
+
     def cancel(self, job_id: str) -> bool:
-        """Cancel a queued job now, a running one at its next block; False if it has already ended."""
-        return bool(self._cancel(keys=[JOB.format(job_id)], args=[time.time()]))
+        """Cancel the job now (its worker, if any, stops at its next block); False if it had ended."""
+        return self.update(job_id, state="cancelled", finished_at=time.time())
 
     # -- workers -----------------------------------------------------------------------------------
     def claim(self, consumer: str, block_ms: int = 1000) -> Claimed | None:
@@ -117,18 +122,16 @@ class JobQueue:
         for entry_id, fields in entries:
             job_id = fields["job_id"]
             record = self.get(job_id) or {}
-            if not record or record.get("cancel") or record.get("state") in ENDED:
-                # Expired, cancelled or ended: acknowledged without another attempt.
-                if record.get("cancel") and record.get("state") not in ENDED:
-                    self.finish(job_id, entry_id, "cancelled")  # its worker died before it saw the flag
-                else:
-                    self.redis.xack(STREAM, GROUP, entry_id)
+            if not record or record.get("state") in ENDED:
+                self.redis.xack(STREAM, GROUP, entry_id)  # expired, cancelled or ended: never run again
                 return None
             attempt = self.once.hincrby(JOB.format(job_id), "attempts", 1)
             if attempt > self.max_attempts:
                 self.dead_letter(job_id, entry_id, record.get("error") or "worker died")
                 return None
-            self.redis.hset(JOB.format(job_id), mapping={"state": "running", "consumer": consumer})
+            if not self.update(job_id, state="running", consumer=consumer):
+                self.redis.xack(STREAM, GROUP, entry_id)  # cancelled this very moment
+                return None
             return Claimed(job_id, entry_id, SubmitJob.model_validate_json(record["request"]), attempt)
         return None
 
@@ -141,28 +144,27 @@ class JobQueue:
         state: str | None = None,
     ) -> bool:
         """Keep the entry ours (resets its idle time) and publish progress (and `state`, e.g. "uploading");
-        False if cancelled."""
+        False once the job was cancelled (or ended elsewhere)."""
         self.redis.xclaim(STREAM, GROUP, consumer, 0, [claimed.entry_id], justid=True)
-        key = JOB.format(claimed.job_id)
         fields = {"frames_done": frames_done, "fps": None if fps is None else round(fps, 2), "state": state}
-        self.redis.hset(key, mapping={k: v for k, v in fields.items() if v is not None})
-        return not self.redis.hget(key, "cancel")
+        return self.update(claimed.job_id, **{k: v for k, v in fields.items() if v is not None})
 
-    def finish(self, job_id: str, entry_id: str, state: str, **fields: str) -> None:
-        self.redis.hset(JOB.format(job_id), mapping={"state": state, "finished_at": time.time(), **fields})
+    def finish(self, job_id: str, entry_id: str, state: str, **fields: str) -> bool:
+        """End the job and acknowledge its entry; False when it had ended already (e.g. cancelled while
+        its video was uploading: the caller removes the video)."""
+        written = self.update(job_id, state=state, finished_at=time.time(), **fields)
         self.redis.xack(STREAM, GROUP, entry_id)
+        return written
 
     def release(self, claimed: Claimed) -> None:
         """Give a preempted job back: pending, it is taken over once idle for `stale_after_s`. Preemption
         is not a failure: the attempt is taken back (set, not decremented: safe to send again)."""
-        mapping = {"state": "queued", "attempts": claimed.attempt - 1}
-        self.redis.hset(JOB.format(claimed.job_id), mapping=mapping)
+        self.update(claimed.job_id, state="queued", attempts=claimed.attempt - 1)
 
     def fail(self, claimed: Claimed, error: str) -> None:
-        """Record the error; the entry stays pending, so it is retried after `stale_after_s`."""
-        if self.redis.hget(JOB.format(claimed.job_id), "state") in ENDED:
-            return  # another worker finished it (after a long Redis outage both may have run it)
-        self.redis.hset(JOB.format(claimed.job_id), mapping={"state": "queued", "error": error[:2000]})
+        """Record the error; the entry stays pending, so it is retried after `stale_after_s`. Nothing is
+        written once the job has ended (another worker finished it, or it was cancelled)."""
+        self.update(claimed.job_id, state="queued", error=error[:2000])
 
     def dead_letter(self, job_id: str, entry_id: str, error: str) -> None:
         self.redis.xadd(DEAD, {"job_id": job_id, "error": error[:2000]})

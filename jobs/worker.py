@@ -94,7 +94,7 @@ def until_redis_answers(call: Callable[[], T], backoff: Backoff, what: str, stop
 
 
 class Heartbeat:
-    """Renews the job's claim, publishes progress and reads the cancel flag. A beat that fails because
+    """Renews the job's claim, publishes progress and learns of a cancel. A beat that fails because
     Redis is away is logged and skipped; beats resume after a backoff (at most a quarter of the stale
     time, so the claim is renewed soon after Redis returns) and the job goes on meanwhile."""
 
@@ -280,10 +280,13 @@ def upload(
         except UNREACHABLE:
             pass  # still pending: taken over once stale
         return "stopped"
-    until_redis_answers(
+    finished = until_redis_answers(
         lambda: queue.finish(claimed.job_id, claimed.entry_id, "done", key=key), backoff, job, stop
     )
     spool.unlink(missing_ok=True)
+    if not finished:  # cancelled while its last part went up: the cancel wins
+        store.delete(key)
+        return "cancelled"
     return "done"
 
 
