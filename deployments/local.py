@@ -1,8 +1,8 @@
 """`longlive serve`: the service on this machine from serve_config.yaml (the embedded default).
 
 One instance, its own state: unless the config names a `redis_url`, it starts a private redis-server
-(deployments/local_redis.py); unless told to join one (`--ray-address`), it starts its own local Ray with
-its ports on loopback; its job results and spool live in its data folder. It binds 127.0.0.1 unless
+(deployments/local_redis.py); unless told to join one (`--ray-address`), it starts its own local Ray; its
+job results and spool live in its data folder. It binds 127.0.0.1 unless
 `--host` says otherwise (serve_config.yaml's 0.0.0.0 is for the KubeRay pods that share the file).
 SIGTERM or Ctrl-C ends it after a short drain (`--drain`, 10 s), leaving no process behind.
 """
@@ -131,10 +131,10 @@ def serve_forever(
             app["args"] = instance_args(app.get("args", {}), data_dir, url, drain_s)
         schema = ServeDeploySchema(**config)
         print(f"longlive: data folder {data_dir}", flush=True)
-        if ray_address is None:  # our own Ray, on loopback
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
-        else:
-            ray.init(address=ray_address)
+        # Our own Ray unless told to join one ("local" ignores RAY_ADDRESS and any `ray start` cluster).
+        # Ray 2.60 binds its own gRPC ports on every interface and turns a loopback node address into the
+        # machine's, so they cannot be kept on loopback from here.
+        ray.init(address=ray_address or "local", include_dashboard=False if ray_address is None else None)
         stop = stop_on_signals()
         serve.start(http_options={"host": host, "port": port})
         _get_global_client().deploy_apps(schema, _blocking=False)  # what `serve run <config>` does
