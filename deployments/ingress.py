@@ -115,9 +115,6 @@ class Ingress:
                 await asyncio.sleep(FAILOVER_BACKOFF_S)
             except SessionNotHere:
                 return
-            except asyncio.CancelledError:  # the client went away: routine, not an error
-                self.log.info("client disconnected at frame %d", next_frame, extra={"session_id": session_id})
-                raise
 
     async def _authorize(self, session_id: str, token: str | None) -> dict:
         if not valid_id(session_id):

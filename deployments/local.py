@@ -134,7 +134,10 @@ def serve_forever(
         # Our own Ray unless told to join one ("local" ignores RAY_ADDRESS and any `ray start` cluster).
         # Ray 2.60 binds its own gRPC ports on every interface and turns a loopback node address into the
         # machine's, so they cannot be kept on loopback from here.
-        ray.init(address=ray_address or "local", include_dashboard=False if ray_address is None else None)
+        context = ray.init(
+            address=ray_address or "local", include_dashboard=False if ray_address is None else None
+        )
+        print(f"longlive: Ray's logs in {context.address_info['session_dir']}/logs", flush=True)
         stop = stop_on_signals()
         serve.start(http_options={"host": host, "port": port})
         _get_global_client().deploy_apps(schema, _blocking=False)  # what `serve run <config>` does

@@ -5,9 +5,11 @@ nothing with the first; SIGTERM ends it within its drain, leaving no process beh
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import av
 import httpx
@@ -62,6 +64,54 @@ def test_longlive_serve_starts_a_private_redis_and_serves_a_session(local_serve)
     }
     assert {port for _, port in ours} == {local_serve.port, redis_port}
     assert {ip for ip, _ in ours} <= LOOPBACK, ours
+
+
+def log_after(server: LocalServe, start: int) -> str:
+    return server.log.read_text(errors="replace")[start:]
+
+
+def test_an_idle_replica_logs_no_warning_and_reports_redis_ok(local_serve):
+    start = len(log_after(local_serve, 0))
+    time.sleep(10)  # idle for 10 s: the condition under test is the time itself
+    idle = log_after(local_serve, start)
+    assert "WARNING" not in idle and "redis unavailable" not in idle, idle[-2000:]
+    assert httpx.get(f"{local_serve.base}/readyz", timeout=5).json()["redis"] is True
+    replicas = httpx.get(f"{local_serve.base}/v1/admin/replicas", timeout=30).json()["replicas"]
+    assert replicas and all(r["redis"] for r in replicas)
+
+
+def serve_logs(server: LocalServe) -> dict[Path, int]:
+    """The Serve log files of the instance's Ray (named in its output), with their sizes now."""
+    (logs,) = re.findall(r"Ray's logs in (\S+)", log_after(server, 0))
+    return {path: path.stat().st_size for path in Path(logs, "serve").glob("*.log")}
+
+
+def test_a_client_that_goes_away_mid_stream_is_one_info_line(local_serve):
+    session = httpx.post(
+        f"{local_serve.base}/v1/sessions", json={"prompt": "a cat", "max_seconds": 60}
+    ).json()
+    before = serve_logs(local_serve)
+    with httpx.stream("GET", session["stream_url"], headers=auth(session["token"]), timeout=60) as response:
+        next(response.iter_raw())  # the first piece, then the client hangs up
+    url = f"{local_serve.base}/v1/sessions/{session['session_id']}"
+    assert httpx.delete(url, headers=auth(session["token"]), timeout=30).status_code == 204
+    # A marker request: once the ingress's access log has it, the disconnect's lines are written too.
+    probe = httpx.get(f"{local_serve.base}/v1/sessions/{'M' * 22}", timeout=30)
+    assert probe.status_code == 404
+    marker = probe.headers["x-request-id"]  # access log lines name the request id
+
+    def written() -> str:
+        return "".join(
+            path.read_text(errors="replace")[before.get(path, 0) :] for path in serve_logs(local_serve)
+        )
+
+    deadline = time.monotonic() + 30
+    while marker not in written():
+        assert time.monotonic() < deadline, "the marker request was not logged"
+        time.sleep(0.1)
+    logged = written()
+    assert logged.count("disconnected") == 1, logged[-3000:]  # Serve's proxy says so, at INFO
+    assert "Traceback" not in logged and "CancelledError" not in logged, logged[-3000:]
 
 
 def test_a_local_job_s_video_is_served_by_the_service_with_ranges(local_serve):
