@@ -36,8 +36,8 @@ class CheckpointStore:
     def __init__(self, redis_url: str, ttl_s: int, timeout_s: float = 2.0):
         from jobs.redis_client import sync_client
 
-        # No re-sends: the Redis thread's loop writes the next checkpoint after a failed one.
-        self.redis = sync_client(redis_url, timeout_s, idempotent=False, decode=False)
+        # A save writes the same blocks and meta when sent again: safe to re-send.
+        self.redis = sync_client(redis_url, timeout_s, decode=False)
         self.ttl_s = ttl_s
         self._save = self.redis.register_script(_SAVE)
         self.stored: dict[str, set[int]] = {}  # session -> blocks known to be in Redis

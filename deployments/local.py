@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from jobs.redis_client import PASSWORD_ENV
+
 from .local_redis import PrivateRedis, redis_answers
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -125,7 +127,12 @@ def serve_forever(
     if len(named) < len(config["applications"]):
         private = PrivateRedis(data_dir / "redis")
     try:
-        redis_url = private.start() if private is not None else None
+        redis_url = None
+        if private is not None:
+            private.start()
+            redis_url = private.url
+            # Through the environment (which the local Ray's workers inherit), not the args: Serve logs those.
+            os.environ[PASSWORD_ENV] = private.password
         for app in config["applications"]:
             url = None if "redis_url" in app.get("args", {}) else redis_url
             app["args"] = instance_args(app.get("args", {}), data_dir, url, drain_s)

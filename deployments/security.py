@@ -108,8 +108,10 @@ class Guard:
 
     def configure(self, config: ServiceConfig) -> None:
         self.digests = api_key_digests(config.api_keys)
-        # INCR must not be re-sent: a lost reply would count the request twice.
-        self.redis = async_client(config.redis_url, config.redis_timeout_s, idempotent=False)
+        # The one command re-sent without being idempotent: INCR of a rate counter. A re-send after a lost
+        # reply counts a request twice in its minute, which costs the client one request of its budget;
+        # not re-sending turns the first request after every Redis restart into a 503.
+        self.redis = async_client(config.redis_url, config.redis_timeout_s)
         self.config = config
 
     @property

@@ -19,6 +19,8 @@ from jobs.redis_client import async_client, sync_client
 
 SESSION = "session:{}"  # hash: token_sha256, replica, seed, created_at, ended
 EVENTS = "session:{}:events"  # stream of {"type": "prompt", "prompt": ...}
+POSTED = "session:{}:post:{}"  # a prompt post's id -> its event id, while a retry may come (POST_TTL_S)
+POST_TTL_S = 300
 CHECKPOINT = "session:{}:checkpoint"  # hash: meta (JSON), block:{n} (latents); see checkpoints.py
 LOAD = "replica_load"  # hash: replica id -> free session slots (capacity - live sessions)
 REPLICA = "replica:{}"  # hash: a replica's info for the admin view (load, sessions, fps); short TTL
@@ -28,12 +30,16 @@ QUEUE_COUNT_LIMIT = 10_000  # jobs_queued on Redis < 7 counts at most this many
 SESSION_TTL_S = 24 * 3600
 ID_FORMAT = re.compile(r"[A-Za-z0-9_-]{22}")  # what secrets.token_urlsafe(16) makes
 # A prompt event is written only for a session that exists and has not ended, in one step: a session
-# ended meanwhile gets no event. Not re-sent on a lost reply (XADD is not idempotent).
+# ended meanwhile gets no event. Its post's id (KEYS[3], a key for a few minutes) makes it safe to send
+# again: a second send (redis-py's retry after a lost reply) returns the first's event instead of a copy.
 _POST = """
+local done = redis.call('GET', KEYS[3])
+if done then return {'posted', done} end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 if redis.call('HEXISTS', KEYS[1], 'ended') == 1 then return {'ended'} end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'type', 'prompt', 'prompt', ARGV[2],
   'posted_at', ARGV[3])
+redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
 return {'posted', id}
 """
 # Marks an existing record only: a session deleted or expired meanwhile is not brought back.
@@ -76,7 +82,7 @@ class SessionStore:
 
     def __init__(self, redis_url: str, timeout_s: float = 0.5):
         self.redis = async_client(redis_url, timeout_s)
-        self._post = async_client(redis_url, timeout_s, idempotent=False).register_script(_POST)
+        self._post = self.redis.register_script(_POST)
 
     async def create(self, session_id: str, token: str, seed: int) -> None:
         key = SESSION.format(session_id)
@@ -110,8 +116,8 @@ class SessionStore:
 
     async def post_prompt(self, session_id: str, prompt: str) -> str:
         """Append a prompt event; returns its id. Raises UnknownSession, SessionEnded (nothing written)."""
-        keys = [SESSION.format(session_id), EVENTS.format(session_id)]
-        result = await self._post(keys=keys, args=[EVENTS_MAXLEN, prompt, repr(time.time())])
+        keys = [SESSION.format(session_id), EVENTS.format(session_id), POSTED.format(session_id, new_id())]
+        result = await self._post(keys=keys, args=[EVENTS_MAXLEN, prompt, repr(time.time()), POST_TTL_S])
         if result[0] == "unknown":
             raise UnknownSession(session_id)
         if result[0] == "ended":
@@ -138,8 +144,7 @@ class ReplicaEvents:
     """Sync access for a Generator replica's Redis thread: its load, and its sessions' new events."""
 
     def __init__(self, redis_url: str, replica_id: str, timeout_s: float = 2.0):
-        # No re-sends: the Redis thread's loop catches up after a failed call (generator.py).
-        self.redis = sync_client(redis_url, timeout_s, idempotent=False)
+        self.redis = sync_client(redis_url, timeout_s)  # reads, sets and compare-and-sets: safe to re-send
         self._end = self.redis.register_script(_END)
         self.replica_id = replica_id
         self.positions: dict[str, str] = {}  # session -> last event id read

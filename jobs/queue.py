@@ -8,8 +8,10 @@ An idempotency key maps to the first job submitted under it (`job:key:{key}`, SE
 
 Every call may raise `UNREACHABLE` while Redis is away (down, restarting, loading its append-only file):
 the worker retries those (jobs/worker.py) instead of failing the job. Socket timeouts bound how long a
-call waits on a Redis that does not answer; idempotent commands are re-sent by redis-py's Retry, the
-others (SET NX and XADD of a submit, XREADGROUP and HINCRBY of a claim) never (jobs/redis_client.py).
+call waits on a Redis that does not answer. Commands are re-sent by redis-py's Retry only where that is
+safe: a submit is one Lua step keyed by its job id (sent twice, it queues the job once), a claim sets
+`attempts` to the value it read plus one instead of incrementing it, and XAUTOCLAIM and XREADGROUP,
+which a re-send would make skip an entry, are never re-sent (jobs/redis_client.py).
 
 A cancel takes effect in the record at once (state "cancelled"), whoever holds the job: a job no worker
 runs (queued, given back by a preempted worker, or held by a dead one) is never run again (a later claim
@@ -36,6 +38,20 @@ RECORD_TTL_S = 7 * 24 * 3600
 ENDED = ("done", "failed", "cancelled")
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError is a ConnectionError
 ID_FORMAT = re.compile(r"[A-Za-z0-9_-]{22}")  # what secrets.token_urlsafe(16) makes
+# Submit: the job's record and its queue entry, once even when sent again (a lost reply, redis-py's
+# retry), unless its idempotency key (KEYS[2], "" for none) names an earlier job: returns the job's id.
+_SUBMIT = """
+if KEYS[2] ~= '' then
+  local first = redis.call('GET', KEYS[2])
+  if first and first ~= ARGV[1] then return first end
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return ARGV[1] end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1])
+return ARGV[1]
+"""
 # A job's record changes only while it has not ended: a cancel wins over a worker's late write (its
 # heartbeat, a release, a "done"). Returns whether it wrote.
 _UPDATE = """
@@ -64,8 +80,11 @@ class JobQueue:
         self, redis_url: str, max_attempts: int = 3, stale_after_s: float = 60.0, timeout_s: float = 15.0
     ):
         self.redis = sync_client(redis_url, timeout_s)
-        self.once = sync_client(redis_url, timeout_s, idempotent=False)  # commands never re-sent
+        self.once = sync_client(
+            redis_url, timeout_s, idempotent=False
+        )  # XAUTOCLAIM, XREADGROUP: never re-sent
         self._update = self.redis.register_script(_UPDATE)
+        self._submit = self.redis.register_script(_SUBMIT)
         self.max_attempts = max_attempts
         self.stale_after_ms = int(stale_after_s * 1000)
         try:
@@ -78,10 +97,6 @@ class JobQueue:
     def submit(self, request: SubmitJob, frames_total: int, token_sha256: str = "") -> tuple[str, bool]:
         """Queue a job; returns (job id, duplicate). A known idempotency key returns its first job."""
         job_id = secrets.token_urlsafe(16)
-        if request.idempotency_key is not None:
-            key = KEY.format(request.idempotency_key)
-            if not self.once.set(key, job_id, nx=True, ex=RECORD_TTL_S):
-                return self.redis.get(key), True
         record = {
             "request": request.model_dump_json(),
             "state": "queued",
@@ -92,10 +107,10 @@ class JobQueue:
             "submitted_at": time.time(),
             "token_sha256": token_sha256,
         }
-        self.redis.hset(JOB.format(job_id), mapping=record)
-        self.redis.expire(JOB.format(job_id), RECORD_TTL_S)
-        self.once.xadd(STREAM, {"job_id": job_id})
-        return job_id, False
+        key = KEY.format(request.idempotency_key) if request.idempotency_key is not None else ""
+        fields = [item for pair in record.items() for item in pair]
+        first = self._submit(keys=[JOB.format(job_id), key, STREAM], args=[job_id, RECORD_TTL_S, *fields])
+        return first, first != job_id
 
     def get(self, job_id: str) -> dict | None:
         return self.redis.hgetall(JOB.format(job_id)) or None
@@ -113,7 +128,7 @@ class JobQueue:
     def claim(self, consumer: str, block_ms: int = 1000) -> Claimed | None:
         """The next job for `consumer`: a dead worker's stale one first, else a new one."""
         # Redis 7 answers [next, entries, deleted], 6.2 [next, entries]: take the entries.
-        stale = self.redis.xautoclaim(STREAM, GROUP, consumer, self.stale_after_ms, "0-0", count=1)[1]
+        stale = self.once.xautoclaim(STREAM, GROUP, consumer, self.stale_after_ms, "0-0", count=1)[1]
         entries = stale or [
             entry
             for _, found in (self.once.xreadgroup(GROUP, consumer, {STREAM: ">"}, 1, block_ms) or [])
@@ -125,11 +140,11 @@ class JobQueue:
             if not record or record.get("state") in ENDED:
                 self.redis.xack(STREAM, GROUP, entry_id)  # expired, cancelled or ended: never run again
                 return None
-            attempt = self.once.hincrby(JOB.format(job_id), "attempts", 1)
+            attempt = int(record.get("attempts", 0)) + 1  # set, not incremented: safe to send again
             if attempt > self.max_attempts:
                 self.dead_letter(job_id, entry_id, record.get("error") or "worker died")
                 return None
-            if not self.update(job_id, state="running", consumer=consumer):
+            if not self.update(job_id, state="running", consumer=consumer, attempts=attempt):
                 self.redis.xack(STREAM, GROUP, entry_id)  # cancelled this very moment
                 return None
             return Claimed(job_id, entry_id, SubmitJob.model_validate_json(record["request"]), attempt)

@@ -2,24 +2,44 @@
 
 Every call waits at most `timeout_s` to connect and `timeout_s` per reply, so a Redis that hangs (rather
 than refusing) fails the call instead of hanging it. Idempotent commands are re-sent by redis-py's own
-`Retry` with exponential backoff; a command that must not run twice (XADD of a prompt event or a job,
-HINCRBY of attempts, INCR of a rate counter, XREADGROUP) goes through a client that never re-sends it.
-redis-py retries every command 3 times by default, so the no-retry client says so explicitly.
+`Retry` with exponential backoff. The others are made idempotent before they go through it (a prompt's
+XADD and a job's submit carry an id that a second send finds; a claim sets `attempts` rather than
+incrementing it), or go through the client that never re-sends (XREADGROUP, XAUTOCLAIM). redis-py
+retries every command 3 times by default, so the no-retry client says so explicitly. (redis.asyncio's
+pool hands out a connection that a Redis restart closed: only a client with retries hides that.)
+
+The password comes from the URL or, when the URL has none, from the env LONGLIVE_REDIS_PASSWORD: config
+args (URLs included) are printed in Serve's logs, the environment is not (`longlive serve` passes its
+private Redis's password so).
 """
 
 from __future__ import annotations
 
+import os
+from urllib.parse import urlsplit
+
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+PASSWORD_ENV = "LONGLIVE_REDIS_PASSWORD"
 RETRIES = 2
 BACKOFF = ExponentialBackoff(cap=0.2, base=0.05)  # 0.05 s, 0.1 s: retries fit in a request's budget
 
 
-def retry_policy(idempotent: bool) -> Retry:
-    return Retry(BACKOFF, RETRIES) if idempotent else Retry(NoBackoff(), 0)
+RETRIED = [redis.ConnectionError, redis.TimeoutError]  # redis.asyncio re-sends only what is listed
+
+
+def retry_policy(idempotent: bool, kind: type[Retry] | type[AsyncRetry] = Retry) -> Retry | AsyncRetry:
+    """redis.asyncio needs its own Retry class: the sync one would not catch an awaited command's error."""
+    return kind(BACKOFF, RETRIES) if idempotent else kind(NoBackoff(), 0)
+
+
+def password(url: str) -> str | None:
+    """None when the URL carries its own (redis-py takes the URL's)."""
+    return None if urlsplit(url).password else os.environ.get(PASSWORD_ENV) or None
 
 
 def sync_client(url: str, timeout_s: float, idempotent: bool = True, decode: bool = True) -> redis.Redis:
@@ -29,6 +49,8 @@ def sync_client(url: str, timeout_s: float, idempotent: bool = True, decode: boo
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=retry_policy(idempotent),
+        retry_on_error=RETRIED if idempotent else [],
+        password=password(url),
     )
 
 
@@ -38,5 +60,7 @@ def async_client(url: str, timeout_s: float, idempotent: bool = True) -> aioredi
         decode_responses=True,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=retry_policy(idempotent),
+        retry=retry_policy(idempotent, AsyncRetry),
+        retry_on_error=RETRIED if idempotent else [],
+        password=password(url),
     )

@@ -10,6 +10,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import av
 import httpx
@@ -55,6 +56,11 @@ def test_longlive_serve_starts_a_private_redis_and_serves_a_session(local_serve)
     ).json()
     data = httpx.get(session["stream_url"], headers=auth(session["token"]), timeout=60).content
     assert frames(data) == 21
+    # Its password reaches no log: neither the instance's output nor any of its Ray's log files.
+    password = urlsplit(local_serve.redis_url).password
+    (ray_logs,) = re.findall(r"Ray's logs in (\S+)", log_after(local_serve, 0))
+    logs = [local_serve.log, *(p for p in Path(ray_logs).rglob("*") if p.is_file())]
+    assert len(logs) > 5 and not [p for p in logs if password in p.read_text(errors="replace")]
     # Its HTTP port and its Redis listen on loopback only (Ray's own ports: deployments/local.py).
     redis_port = int(local_serve.redis_url.rsplit(":", 1)[1].split("/")[0])
     ours = {
