@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from ray.serve.handle import DeploymentHandle
+from redis.exceptions import RedisError
 
 from jobs.queue import valid_job_id
 from jobs.schemas import JobCancelled, JobCreated, JobStatus, SubmitJob
@@ -146,7 +147,10 @@ class Ingress:
             info = await asyncio.wait_for(self._readiness(), READY_TIMEOUT_S)
         except TimeoutError:
             return problem(503, "not_ready", "no answer from Redis and a Generator within 1 s")
-        except Exception as err:  # noqa: BLE001 - readiness reports any failure as not ready
+        except (RedisError, RayError) as err:  # Redis away, no Generator (yet)
+            return problem(503, "not_ready", f"not ready: {type(err).__name__}")
+        except Exception as err:  # noqa: BLE001 - a bug: logged as one, and the service is not ready
+            logger.exception("readiness check failed (a bug)")
             return problem(503, "not_ready", f"not ready: {type(err).__name__}")
         return Ready(status="ready", **info)
 
