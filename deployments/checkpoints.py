@@ -34,11 +34,10 @@ class CheckpointStore:
     """Sync access for a replica's Redis thread (binary values: a client of its own)."""
 
     def __init__(self, redis_url: str, ttl_s: int, timeout_s: float = 2.0):
-        import redis
+        from jobs.redis_client import sync_client
 
-        self.redis = redis.Redis.from_url(
-            redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        # A save writes the same blocks and meta when sent again: safe to re-send.
+        self.redis = sync_client(redis_url, timeout_s, decode=False)
         self.ttl_s = ttl_s
         self._save = self.redis.register_script(_SAVE)
         self.stored: dict[str, set[int]] = {}  # session -> blocks known to be in Redis
@@ -66,10 +65,6 @@ class CheckpointStore:
         checkpoint = SessionCheckpoint.from_parts(json.loads(fields[b"meta"]), blobs)
         self.stored[session_id] = set(checkpoint.latents)
         return checkpoint
-
-    def delete(self, session_id: str) -> None:
-        self.redis.delete(CHECKPOINT.format(session_id))
-        self.stored.pop(session_id, None)
 
     def forget(self, session_id: str) -> None:
         """Stop tracking a session this replica no longer writes (its checkpoint stays)."""

@@ -14,7 +14,21 @@ def add_service_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
     srv = sub.add_parser("serve", help="run the session service on this machine (Ray Serve)")
     srv.add_argument("--config", type=Path, default=Path("serve_config.yaml"), help="Ray Serve config file")
     srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
-    srv.add_argument("--host", default=None, help="HTTP host (default: the config's)")
+    srv.add_argument(
+        "--host",
+        default=None,
+        help="HTTP host (default 127.0.0.1; 0.0.0.0 serves the network: set an API key)",
+    )
+    srv.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    srv.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="Redis data, job results (default ~/.local/share/longlive)",
+    )
+    srv.add_argument(
+        "--drain", type=float, default=None, help="seconds replicas drain on SIGTERM / Ctrl-C (default 10)"
+    )
 
     st = sub.add_parser("status", help="the running service's Generator replicas, sessions and load")
     st.add_argument("--url", default="http://127.0.0.1:8000", help="the service's base URL")
@@ -27,7 +41,7 @@ def serve(args: argparse.Namespace) -> int:
     from .local import serve_forever
 
     try:
-        serve_forever(args.config, args.port, args.host)
+        serve_forever(args.config, args.port, args.host, args.ray_address, args.data_dir, args.drain)
     except ModuleNotFoundError as exc:  # ray, redis: what the serve extra installs
         raise CliError(f"the service needs the serve extra: pip install 'longlive[serve]' ({exc})") from None
     except KeyboardInterrupt:

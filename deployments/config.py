@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ServiceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelled setting is an error, not a default
+
     model: str = "tiny-random"
     device: str | None = Field(None, description="cuda / cpu; default: cuda when available")
     size: tuple[int, int] | None = Field(None, description="(width, height); default: the model's")
     compile: bool = False
     low_memory: bool = False
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = Field(
+        0.5, gt=0, description="the ingress's Redis calls: connect and reply timeout (then 503)"
+    )
     num_replicas: int = Field(1, ge=1)
     max_sessions: int = Field(2, ge=1, description="sessions per replica: the replica's capacity")
     replica_gpus: float = Field(0, ge=0, description="1 on GPU machines")
@@ -78,10 +83,11 @@ class ServiceConfig(BaseModel):
             )
         return errors
 
-    def job_queue(self):
+    def job_queue(self, timeout_s: float = 15.0):
+        """The job queue; the ingress passes its redis_timeout_s (a worker may wait longer)."""
         from jobs.queue import JobQueue
 
-        return JobQueue(self.redis_url, self.job_max_attempts, self.job_stale_after_s)
+        return JobQueue(self.redis_url, self.job_max_attempts, self.job_stale_after_s, timeout_s)
 
     def video_store(self):
         from jobs.storage import LocalStore, S3Store

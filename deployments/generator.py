@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 import redis
 from ray import serve
 
+from jobs.repeats import Repeats
 from longlive_core.checkpoint import CheckpointError
 from longlive_core.engine_thread import EngineThread
 from longlive_core.fmp4 import FragmentedMp4Encoder, JpegEncoder
@@ -96,6 +97,10 @@ class Generator:
         self._replica_fps = 0.0
         if self.jobs is not None:
             self.jobs.on_finished = self._job_finished
+        # Repeated errors are logged once, then counted; each tally belongs to one thread.
+        self._redis_bug = Repeats(logger, "redis thread failed (a bug, not Redis)")
+        self._metrics_bug = Repeats(logger, "metrics failed (a bug)")  # the Redis thread's
+        self._job_metrics_bug = Repeats(logger, "job metrics failed (a bug)")  # the job worker's thread
         self._moved: dict[str, None] = {}  # sessions closed here as another replica owns them now (ordered)
         self._restoring = asyncio.Lock()
         self._stop = threading.Event()
@@ -292,11 +297,11 @@ class Generator:
         published = -1
         next_sample = 0.0
         while not self._stop.is_set():
-            self._guarded(self._observe_latencies, "metrics")
+            self._guarded(self._observe_latencies, self._metrics_bug)
             try:
                 if time.monotonic() >= next_sample:
                     next_sample = time.monotonic() + SAMPLE_PERIOD_S
-                    self._guarded(self._record_metrics, "metrics")
+                    self._guarded(self._record_metrics, self._metrics_bug)
                     self._publish_info()
                 self._sync(saved)
                 if self.host.load != published:  # admission reads it: keep it current
@@ -310,20 +315,23 @@ class Generator:
                 if self.redis_ok:
                     logger.warning("redis unavailable, sessions go on from memory: %s", err)
                     self.redis_ok = False
-                    self.metrics.error("generator", "redis")
+                    self._guarded(lambda: self.metrics.error("generator", "redis"), self._metrics_bug)
                 published = -1
                 time.sleep(REDIS_RETRY_S)
-            except Exception:  # noqa: BLE001 - a bug, not Redis: say so once per kind, keep the replica
-                logger.exception("redis thread failed (a bug, not Redis)")
-                self.metrics.error("generator", "bug")
+            except Exception as err:  # noqa: BLE001 - a bug, not Redis: logged once, counted, replica kept
+                self._redis_bug.failed(err, traceback=True)
+                self._guarded(lambda: self.metrics.error("generator", "bug"), self._metrics_bug)
                 time.sleep(REDIS_RETRY_S)
+            else:
+                self._redis_bug.ok()
 
-    def _guarded(self, call, what: str) -> None:
-        """Metrics never raise into a serving thread."""
+    @staticmethod
+    def _guarded(call, tally: Repeats) -> None:
+        """Metrics never raise into a serving thread; `tally` is the calling thread's."""
         try:
             call()
-        except Exception:  # noqa: BLE001 - a metrics bug must not stop serving; logged as the bug it is
-            logger.exception("%s failed (a bug)", what)
+        except Exception as err:  # noqa: BLE001 - a metrics bug must not stop serving; logged as a bug
+            tally.failed(err, traceback=True)
 
     def _sync(self, saved: dict[str, int]) -> None:
         for session_id, event_id, event in self.events.poll():
@@ -339,7 +347,9 @@ class Generator:
             view = views.get(session_id)
             if view is None or view.ended:
                 if session_id not in self._moved:
-                    self.checkpoints.delete(session_id)  # ended here: nothing to restore elsewhere
+                    # Ended here (its client, max_seconds, idle, a failure): nothing to restore elsewhere,
+                    # and the ingress refuses its prompts from now on.
+                    self.events.mark_ended(session_id)
                 self.events.unfollow(session_id)
                 self.checkpoints.forget(session_id)
                 saved.pop(session_id, None)
@@ -408,7 +418,7 @@ class Generator:
         """The replica's admin info and the queue depth (Redis: its errors go to the caller)."""
         live = self._live_sessions()
         self.jobs_queued = self.events.jobs_queued()
-        self._guarded(lambda: self.metrics.jobs_queued.set(self.jobs_queued), "metrics")
+        self._guarded(lambda: self.metrics.jobs_queued.set(self.jobs_queued), self._metrics_bug)
         running = self.jobs.running if self.jobs is not None else None
         self.events.publish_info(
             {
@@ -425,10 +435,14 @@ class Generator:
         )
 
     def _job_finished(self, job_id: str, state: str, seconds: float) -> None:
+        """Called on the job worker's thread: metrics must not raise into it."""
+        self._guarded(lambda: self._count_job(state, seconds), self._job_metrics_bug)
+        self.log.info("job %s after %.1f s", state, seconds, extra={"job_id": job_id})
+
+    def _count_job(self, state: str, seconds: float) -> None:
         self.metrics.job_duration.observe(seconds, tags={"state": state})
         if state == "failed":
             self.metrics.error("jobs", "job_failed")
-        self.log.info("job %s after %.1f s", state, seconds, extra={"job_id": job_id})
 
 
 def _posted_at(event: dict) -> float:

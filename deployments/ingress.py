@@ -1,5 +1,8 @@
 """Ingress: the session API on FastAPI (CPU). Parses, checks the token, calls the Generator's handle
-with the session id (the router pins it to its replica), encodes; prompt events go to Redis only."""
+with the session id (the router pins it to its replica), encodes; prompt events go to Redis only.
+
+Ids are checked against their format before they touch Redis (a malformed one is a 404), and every
+refusal is a problem body with a `code` (deployments/problems.py)."""
 
 import asyncio
 import logging
@@ -7,21 +10,34 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Header, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi import FastAPI, Header, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from ray.serve.handle import DeploymentHandle
+from redis.exceptions import RedisError
 
-from jobs.schemas import JobCreated, JobStatus, SubmitJob
+from jobs.queue import valid_job_id
+from jobs.schemas import JobCancelled, JobCreated, JobStatus, SubmitJob
+from jobs.storage import LocalStore
 from longlive_core.schedule import frames_total
 
 from .config import ServiceConfig
 from .errors import ReplicaFull, SessionMoved, SessionNotHere
 from .metrics import log, metrics
-from .schemas import CreateSession, PostPrompt, Problem, PromptPosted, SessionCreated, SessionStatus
+from .problems import ApiError, not_found, problem
+from .schemas import (
+    CreateSession,
+    PostPrompt,
+    Problem,
+    PromptPosted,
+    Ready,
+    ReplicasView,
+    SessionCreated,
+    SessionStatus,
+)
 from .security import install
-from .store import SessionStore, token_digest, token_matches
+from .store import SessionEnded, SessionStore, UnknownSession, new_id, token_digest, token_matches, valid_id
 from .webpage import web_file
 
 app = FastAPI(title="longlive", description="Real-time interactive long text-to-video (LongLive)")
@@ -29,9 +45,10 @@ guard = install(app)  # rate limit, API key, body size, error handlers (deployme
 ADMISSION_ATTEMPTS = 8
 ADMISSION_BACKOFF_S = 0.1
 FAILOVER_BACKOFF_S = 0.5
+READY_TIMEOUT_S = 0.8  # /readyz answers within 1 s whatever the replicas do
 REPLICA_GONE = (RayActorError, ActorUnavailableError)  # its replica died or is being replaced
 logger = logging.getLogger("longlive.ingress")
-ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 413, 429, 503)}
+ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 409, 413, 422, 429, 503)}
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -48,13 +65,13 @@ class Ingress:
         self.config = ServiceConfig(**config)
         guard.configure(self.config)
         self.metrics, self.log = metrics(), log("longlive.ingress")
-        self.store = SessionStore(self.config.redis_url)
-        self.jobs = self.config.job_queue()
+        self.store = SessionStore(self.config.redis_url, self.config.redis_timeout_s)
+        self.jobs = self.config.job_queue(self.config.redis_timeout_s)
         self.videos = self.config.video_store()
 
     def _check_limits(self, prompts: list[str], seconds: float | None = None, kind: str = "session") -> None:
         if errors := self.config.limit_errors(prompts, seconds, kind):
-            raise HTTPException(422, errors)
+            raise ApiError(422, "invalid_request", errors)  # the shape of pydantic's 422
 
     def _session(self, session_id: str, stream: bool = False) -> DeploymentHandle:
         return self.generator.options(session_id=session_id, stream=stream)
@@ -69,8 +86,8 @@ class Ingress:
             except REPLICA_GONE:
                 if time.monotonic() > deadline:
                     self.metrics.error("ingress", "failover_timeout")
-                    raise HTTPException(
-                        503, "the session's replica is gone and no other took it over"
+                    raise ApiError(
+                        503, "replica_gone", "the session's replica is gone and no other took it over"
                     ) from None
                 await asyncio.sleep(FAILOVER_BACKOFF_S)
 
@@ -101,11 +118,13 @@ class Ingress:
                 return
 
     async def _authorize(self, session_id: str, token: str | None) -> dict:
+        if not valid_id(session_id):
+            raise not_found("session")  # never reaches Redis: `x:events` names no other key
         record = await self.store.get(session_id)
         if record is None:
-            raise HTTPException(404, f"no session {session_id}")
+            raise not_found("session")
         if not token_matches(record, token):
-            raise HTTPException(403, "wrong or missing session token")
+            raise ApiError(403, "wrong_token", "wrong or missing session token")
         return record
 
     @app.get("/", include_in_schema=False)
@@ -120,15 +139,24 @@ class Ingress:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
-    async def readyz(self) -> JSONResponse:
-        # Generator replicas are only routed to once their constructor (load + warm-up) finished.
+    @app.get("/readyz", response_model=Ready, responses={503: {"model": Problem}})
+    async def readyz(self) -> Ready | JSONResponse:
+        # Generator replicas are only routed to once their constructor (load + warm-up) finished; while
+        # none is (start-up, a failover) the call would wait: bounded, so probes get an answer in time.
         try:
-            await self.store.ping()
-            info = await self.generator.info.remote()
-        except Exception as err:  # noqa: BLE001 - readiness reports any failure as not ready
-            return JSONResponse({"status": "not ready", "detail": type(err).__name__}, status_code=503)
-        return JSONResponse({"status": "ready", **info})
+            info = await asyncio.wait_for(self._readiness(), READY_TIMEOUT_S)
+        except TimeoutError:
+            return problem(503, "not_ready", "no answer from Redis and a Generator within 1 s")
+        except (RedisError, RayError) as err:  # Redis away, no Generator (yet)
+            return problem(503, "not_ready", f"not ready: {type(err).__name__}")
+        except Exception as err:  # noqa: BLE001 - a bug: logged as one, and the service is not ready
+            logger.exception("readiness check failed (a bug)")
+            return problem(503, "not_ready", f"not ready: {type(err).__name__}")
+        return Ready(status="ready", **info)
+
+    async def _readiness(self) -> dict:
+        await self.store.ping()
+        return await self.generator.info.remote()
 
     @app.post("/v1/sessions", status_code=201, response_model=SessionCreated, responses=ERRORS)
     async def create(self, body: CreateSession, request: Request) -> SessionCreated:
@@ -136,7 +164,7 @@ class Ingress:
         # The router sends a new session to the least-loaded replica; if that one filled up meanwhile,
         # try again under a fresh id (the router then sees the updated loads).
         for _ in range(ADMISSION_ATTEMPTS):
-            session_id, token = secrets.token_urlsafe(16), secrets.token_urlsafe(24)
+            session_id, token = new_id(), secrets.token_urlsafe(24)
             await self.store.create(session_id, token, body.seed)
             try:
                 result = await self._session(session_id).create.remote(
@@ -148,8 +176,11 @@ class Ingress:
                 await asyncio.sleep(ADMISSION_BACKOFF_S)
         else:
             self.metrics.error("ingress", "capacity")
-            raise HTTPException(
-                503, "every replica is at capacity", headers={"Retry-After": str(self.config.retry_after_s)}
+            raise ApiError(
+                503,
+                "at_capacity",
+                "every replica is at capacity",
+                {"Retry-After": str(self.config.retry_after_s)},
             )
         base = str(request.base_url).rstrip("/")
         return SessionCreated(
@@ -161,15 +192,16 @@ class Ingress:
         )
 
     @app.get("/v1/sessions/{session_id}", response_model=SessionStatus, responses=ERRORS)
-    async def status(self, session_id: str, authorization: str | None = Header(None)) -> dict:
+    async def status(self, session_id: str, authorization: str | None = Header(None)) -> SessionStatus:
         await self._authorize(session_id, bearer(authorization))
-        return await self._running(session_id)
+        # The replica's times are Unix seconds: the model makes them ISO 8601 UTC.
+        return SessionStatus.model_validate(await self._running(session_id))
 
     async def _running(self, session_id: str) -> dict:
         try:
             return await self._call(session_id, "status")
         except SessionNotHere:
-            raise HTTPException(404, f"session {session_id} is not running") from None
+            raise ApiError(404, "session_not_running", "the session is not running any more") from None
 
     @app.post(
         "/v1/sessions/{session_id}/prompts", status_code=202, response_model=PromptPosted, responses=ERRORS
@@ -179,7 +211,12 @@ class Ingress:
     ) -> PromptPosted:
         self._check_limits([body.prompt])
         await self._authorize(session_id, bearer(authorization))
-        return PromptPosted(event_id=await self.store.post_prompt(session_id, body.prompt))
+        try:
+            return PromptPosted(event_id=await self.store.post_prompt(session_id, body.prompt))
+        except UnknownSession:
+            raise not_found("session") from None
+        except SessionEnded:
+            raise ApiError(409, "session_ended", "the session has ended: it takes no more prompts") from None
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=ERRORS)
     async def end(self, session_id: str, authorization: str | None = Header(None)) -> None:
@@ -213,7 +250,7 @@ class Ingress:
         format: str = "mp4",
         from_frame: int = 0,
     ):
-        record = await self.store.get(session_id)
+        record = await self.store.get(session_id) if valid_id(session_id) else None
         valid = format in ("mp4", "jpeg") and from_frame >= 0
         if record is None or not token_matches(record, token) or not valid:
             await ws.close(code=4403 if record is not None else 4404)
@@ -237,16 +274,27 @@ class Ingress:
         return JobCreated(job_id=job_id, token=None if duplicate else token, duplicate=duplicate)
 
     async def _job(self, job_id: str, token: str | None) -> dict:
+        if not valid_job_id(job_id):
+            raise not_found("job")  # never reaches Redis: `key:y` names no other key
         record = await asyncio.to_thread(self.jobs.get, job_id)
         if record is None:
-            raise HTTPException(404, f"no job {job_id}")
+            raise not_found("job")
         if not token_matches(record, token):
-            raise HTTPException(403, "wrong or missing job token")
+            raise ApiError(403, "wrong_token", "wrong or missing job token")
         return record
 
+    def _result_url(self, request: Request, job_id: str, key: str) -> str:
+        """S3: a presigned URL; a local store: this service's video.mp4 route (token-checked)."""
+        if isinstance(self.videos, LocalStore):
+            return f"{str(request.base_url).rstrip('/')}/v1/jobs/{job_id}/video.mp4"
+        return self.videos.url(key)
+
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus, responses=ERRORS)
-    async def job_status(self, job_id: str, authorization: str | None = Header(None)) -> JobStatus:
+    async def job_status(
+        self, job_id: str, request: Request, authorization: str | None = Header(None)
+    ) -> JobStatus:
         record = await self._job(job_id, bearer(authorization))
+        finished = record["state"] == "done"
         done, total, fps = int(record["frames_done"]), int(record["frames_total"]), float(record["fps"])
         running = record["state"] == "running" and fps > 0
         return JobStatus(
@@ -258,23 +306,42 @@ class Ingress:
             eta_s=(total - done) / fps if running else None,
             attempts=int(record["attempts"]),
             error=record.get("error"),
-            result_url=self.videos.url(record["key"]) if record["state"] == "done" else None,
+            result_url=self._result_url(request, job_id, record["key"]) if finished else None,
         )
 
-    @app.delete("/v1/jobs/{job_id}", status_code=202, responses=ERRORS)
-    async def cancel_job(self, job_id: str, authorization: str | None = Header(None)) -> dict:
+    @app.get("/v1/jobs/{job_id}/video.mp4", responses={**ERRORS, 206: {}, 416: {}})
+    async def job_video(
+        self,
+        job_id: str,
+        authorization: str | None = Header(None),
+        token: str | None = Query(None, description="the job's token, for links (else the header)"),
+    ) -> Response:
+        """A finished job's MP4: from a local store with range requests; from S3 a redirect to a
+        presigned URL."""
+        record = await self._job(job_id, bearer(authorization) or token)
+        if record["state"] != "done":
+            raise ApiError(409, "job_not_done", f"the job is {record['state']}: no video yet")
+        if not isinstance(self.videos, LocalStore):
+            return RedirectResponse(self.videos.url(record["key"]), status_code=307)
+        path = self.videos.path(record["key"])
+        if not path.is_file():
+            raise ApiError(404, "video_gone", "the job's video is no longer stored")
+        return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4")
+
+    @app.delete("/v1/jobs/{job_id}", status_code=202, response_model=JobCancelled, responses=ERRORS)
+    async def cancel_job(self, job_id: str, authorization: str | None = Header(None)) -> JobCancelled:
         await self._job(job_id, bearer(authorization))
-        return {"cancelled": await asyncio.to_thread(self.jobs.cancel, job_id)}
+        return JobCancelled(cancelled=await asyncio.to_thread(self.jobs.cancel, job_id))
 
     # -- admin -------------------------------------------------------------------------------------
-    @app.get("/v1/admin/replicas")
-    async def replicas(self) -> dict:
+    @app.get("/v1/admin/replicas", response_model=ReplicasView)
+    async def replicas(self) -> ReplicasView:
         """Generator replicas (what each published in the last few seconds: load, capacity, its live
         sessions, its job, FPS) and the job queue's depth. Behind X-API-Key when keys are configured."""
         replicas = await self.store.replicas()
-        return {
-            "replicas": replicas,
-            "sessions": sum(len(r.get("sessions", [])) for r in replicas),
-            "capacity": sum(r.get("capacity", 0) for r in replicas),
-            "jobs_queued": max((r.get("jobs_queued", 0) for r in replicas), default=0),
-        }
+        return ReplicasView(
+            replicas=replicas,
+            sessions=sum(len(r.get("sessions", [])) for r in replicas),
+            capacity=sum(r.get("capacity", 0) for r in replicas),
+            jobs_queued=max((r.get("jobs_queued", 0) for r in replicas), default=0),
+        )

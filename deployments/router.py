@@ -10,7 +10,6 @@ runs in every process that holds a handle to the Generator (each ingress replica
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from collections import OrderedDict
@@ -19,11 +18,11 @@ from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 from redis.exceptions import RedisError
 
+from jobs.repeats import Repeats
+
 from .store import SessionStore
 
 OWNER_CACHE_SIZE = 100_000  # sessions whose owner this process remembers without asking Redis
-REDIS_ATTEMPTS = 3  # a pooled connection from before a Redis restart fails once, then reconnects
-REDIS_RETRY_S = 0.1
 logger = logging.getLogger("ray.serve.longlive.router")
 
 
@@ -36,6 +35,7 @@ class SessionRouter(RequestRouter):
         self.redis_url = redis_url
         self._store: SessionStore | None = None  # made on the router's own event loop
         self._owners: OrderedDict[str, str] = OrderedDict()  # session -> replica id, recently used last
+        self._unreachable = Repeats(logger, "routing without the session table")
 
     @property
     def store(self) -> SessionStore:
@@ -52,16 +52,14 @@ class SessionRouter(RequestRouter):
         pending_request.routing_context.should_backoff = True
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
         # Never raise here: an exception ends Ray's routing loop and the request would hang unrouted.
-        for attempt in range(REDIS_ATTEMPTS):
-            try:
-                owner = await self._owner(session_id, by_id)
-                break
-            except RedisError as err:  # Redis away, or a pooled connection from before its restart
-                if attempt + 1 == REDIS_ATTEMPTS:
-                    logger.warning("routing %s without the session table: %s", session_id, err)
-                    owner = self._owners.get(session_id)
-                    return [[by_id[owner]]] if owner in by_id else [candidate_replicas]
-                await asyncio.sleep(REDIS_RETRY_S)
+        # (The store's client re-sends these idempotent reads and compare-and-sets itself.)
+        try:
+            owner = await self._owner(session_id, by_id)
+        except RedisError as err:  # Redis away: the pins this router knows
+            self._unreachable.failed(err)
+            owner = self._owners.get(session_id)
+            return [[by_id[owner]]] if owner in by_id else [candidate_replicas]
+        self._unreachable.ok()
         self._owners[session_id] = owner
         self._owners.move_to_end(session_id)
         if len(self._owners) > OWNER_CACHE_SIZE:

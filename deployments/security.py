@@ -6,7 +6,9 @@ One pure ASGI middleware, for HTTP and WebSocket alike, checks in this order:
    browsers cannot send its headers) -> 401 (WebSocket: close 4401); the web page's files need none;
 3. the request body's size (Content-Length, and the bytes actually streamed) -> 413;
 and answers any exception the app did not handle with a 500 that names a request id, never a traceback.
-Exception handlers: Redis down -> 503 with Retry-After; a bad body -> 422 listing loc + msg per error only.
+Exception handlers: Redis down -> 503 with Retry-After; a bad body -> 422 listing loc + msg per error only;
+a route's ApiError and Starlette's own 404/405 -> their status. Every refusal is a problem body with a
+machine-readable `code` (deployments/problems.py).
 Per-session and per-job bearer tokens stay with the routes (ingress.py).
 """
 
@@ -29,8 +31,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.websockets import WebSocket
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jobs.redis_client import async_client
+from jobs.repeats import Repeats
 
 from .config import ServiceConfig
+from .problems import HTTP_CODES, ApiError, problem
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -97,12 +104,14 @@ class Guard:
         self.config: ServiceConfig | None = None
         self.digests: list[str] = []
         self.redis = None
+        self.storage = Repeats(logger, "Redis unavailable")  # one line per outage, not one per request
 
     def configure(self, config: ServiceConfig) -> None:
-        import redis.asyncio as aioredis
-
         self.digests = api_key_digests(config.api_keys)
-        self.redis = aioredis.from_url(config.redis_url, decode_responses=True)
+        # The one command re-sent without being idempotent: INCR of a rate counter. A re-send after a lost
+        # reply counts a request twice in its minute, which costs the client one request of its budget;
+        # not re-sending turns the first request after every Redis restart into a 503.
+        self.redis = async_client(config.redis_url, config.redis_timeout_s)
         self.config = config
 
     @property
@@ -163,42 +172,46 @@ class GuardMiddleware:
                 started = True
             await send(message)
 
-        async def refuse(status: int, body: dict, headers: dict | None = None, ws_code: int = 4400) -> None:
+        async def refuse(
+            status: int, code: str, detail: str, headers: dict | None = None, ws_code: int = 4400, **extra
+        ) -> None:
             if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": ws_code, "reason": body["detail"][:100]})
+                await send({"type": "websocket.close", "code": ws_code, "reason": detail[:100]})
             else:
-                await JSONResponse(body, status, headers)(scope, receive, send)
+                await problem(status, code, detail, headers, **extra)(scope, receive, send)
 
         # 1. Rate limit (Redis; down -> 503 like every other route that needs it).
         if guard.config is None:
-            await refuse(503, {"detail": "starting, retry later"}, {"Retry-After": "1"}, 1013)
+            await refuse(503, "starting", "starting, retry later", {"Retry-After": "1"}, 1013)
             return
         try:
             retry = await guard.over_limit(scope)
-        except REDIS_DOWN:
-            await refuse(503, {"detail": STORAGE_DOWN}, {"Retry-After": guard.retry_after}, 1013)
+        except REDIS_DOWN as err:
+            guard.storage.failed(err)
+            await refuse(503, "storage_unavailable", STORAGE_DOWN, {"Retry-After": guard.retry_after}, 1013)
             return
+        if guard.config.rate_limit_per_minute and scope["path"] not in UNLIMITED_PATHS:
+            guard.storage.ok()  # Redis answered the rate limit: an outage it logged is over
         if retry is not None:
-            await refuse(429, {"detail": "rate limit exceeded"}, {"Retry-After": str(retry)}, 4429)
+            await refuse(429, "rate_limited", "rate limit exceeded", {"Retry-After": str(retry)}, 4429)
             return
         # 2. API key.
         if not public(scope["path"]) and not guard.key_ok(scope):
-            await refuse(401, {"detail": "missing or wrong X-API-Key"}, ws_code=4401)
+            await refuse(401, "api_key_required", "missing or wrong X-API-Key", ws_code=4401)
             return
         # 3. Body size: the declared length first, then the bytes actually sent (chunked bodies).
         if scope["type"] == "http":
             limit = guard.config.max_body_bytes
             declared = header(scope, b"content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
-                too_big = declared.isdigit()
-                await refuse(
-                    413 if too_big else 400,
-                    {"detail": f"body over {limit} bytes" if too_big else "bad Content-Length"},
-                )
+                if declared.isdigit():
+                    await refuse(413, "body_too_large", f"body over {limit} bytes")
+                else:
+                    await refuse(400, "bad_content_length", "bad Content-Length")
                 return
             receive = await self._bounded_body(receive, limit)
             if receive is None:
-                await refuse(413, {"detail": f"body over {limit} bytes"})
+                await refuse(413, "body_too_large", f"body over {limit} bytes")
                 return
         # 4. The app; anything it did not handle becomes a 500 naming the request id.
         try:
@@ -209,7 +222,7 @@ class GuardMiddleware:
             )
             if started:
                 raise  # mid-response: only aborting the connection tells the client
-            await refuse(500, {"detail": "internal error", "request_id": rid}, ws_code=1011)
+            await refuse(500, "internal_error", "internal error", ws_code=1011, request_id=rid)
 
     @staticmethod
     async def _bounded_body(receive: Receive, limit: int) -> Receive | None:
@@ -262,11 +275,18 @@ def install(app: FastAPI) -> Guard:
     app.add_middleware(GuardMiddleware, guard=guard)
 
     async def storage_down(request: Request, exc: Exception) -> JSONResponse:
-        logger.warning("Redis unavailable: %s", type(exc).__name__)
-        return JSONResponse({"detail": STORAGE_DOWN}, 503, {"Retry-After": guard.retry_after})
+        guard.storage.failed(exc)
+        return problem(503, "storage_unavailable", STORAGE_DOWN, {"Retry-After": guard.retry_after})
 
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": validation_errors(exc)}, 422)
+        return problem(422, "invalid_request", validation_errors(exc))
+
+    async def refused(request: Request, exc: ApiError) -> JSONResponse:
+        return problem(exc.status, exc.code, exc.detail, exc.headers)
+
+    async def starlette_refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return problem(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     async def invalid_ws(websocket: WebSocket, exc: WebSocketRequestValidationError) -> None:
         await websocket.close(code=1008, reason="invalid request")
@@ -275,11 +295,13 @@ def install(app: FastAPI) -> Guard:
         # The middleware answers first; this covers a failure in the middleware itself.
         rid = request_id(request.scope)
         logger.error("request failed (request id %s)", rid, exc_info=exc)
-        return JSONResponse({"detail": "internal error", "request_id": rid}, 500)
+        return problem(500, "internal_error", "internal error", request_id=rid)
 
     for exc_class in REDIS_DOWN:
         app.add_exception_handler(exc_class, storage_down)
     app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(ApiError, refused)
+    app.add_exception_handler(StarletteHTTPException, starlette_refused)
     app.add_exception_handler(WebSocketRequestValidationError, invalid_ws)
     app.add_exception_handler(Exception, internal)
     return guard

@@ -1,16 +1,26 @@
 """What the service keeps in Redis: session records, the session -> replica table, replica loads and
-each session's prompt-event stream (`session:{id}:events`, its durable log)."""
+each session's prompt-event stream (`session:{id}:events`, its durable log).
+
+Ids go into key names, so a request's id is checked against the format `new_id` makes (`valid_id`)
+before it touches Redis: `x:events` can never name another key.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import re
+import secrets
 import threading
 import time
 
+from jobs.redis_client import async_client, sync_client
+
 SESSION = "session:{}"  # hash: token_sha256, replica, seed, created_at, ended
 EVENTS = "session:{}:events"  # stream of {"type": "prompt", "prompt": ...}
+POSTED = "session:{}:post:{}"  # a prompt post's id -> its event id, while a retry may come (POST_TTL_S)
+POST_TTL_S = 300
 CHECKPOINT = "session:{}:checkpoint"  # hash: meta (JSON), block:{n} (latents); see checkpoints.py
 LOAD = "replica_load"  # hash: replica id -> free session slots (capacity - live sessions)
 REPLICA = "replica:{}"  # hash: a replica's info for the admin view (load, sessions, fps); short TTL
@@ -18,10 +28,45 @@ REPLICA_TTL_S = 15
 EVENTS_MAXLEN = 1000
 QUEUE_COUNT_LIMIT = 10_000  # jobs_queued on Redis < 7 counts at most this many
 SESSION_TTL_S = 24 * 3600
+ID_FORMAT = re.compile(r"[A-Za-z0-9_-]{22}")  # what secrets.token_urlsafe(16) makes
+# A prompt event is written only for a session that exists and has not ended, in one step: a session
+# ended meanwhile gets no event. Its post's id (KEYS[3], a key for a few minutes) makes it safe to send
+# again: a second send (redis-py's retry after a lost reply) returns the first's event instead of a copy.
+_POST = """
+local done = redis.call('GET', KEYS[3])
+if done then return {'posted', done} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
+if redis.call('HEXISTS', KEYS[1], 'ended') == 1 then return {'ended'} end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'type', 'prompt', 'prompt', ARGV[2],
+  'posted_at', ARGV[3])
+redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
+return {'posted', id}
+"""
+# Marks an existing record only: a session deleted or expired meanwhile is not brought back.
+_END = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'ended', 1) end
+redis.call('DEL', KEYS[2])
+"""
 _MOVE = """
 if redis.call('HGET', KEYS[1], 'replica') == ARGV[1] then redis.call('HSET', KEYS[1], 'replica', ARGV[2]) end
 return redis.call('HGET', KEYS[1], 'replica')
 """
+
+
+def new_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def valid_id(value: str) -> bool:
+    return ID_FORMAT.fullmatch(value) is not None
+
+
+class SessionEnded(Exception):
+    """The session has ended (its client deleted it, or it ended on its own): it takes no prompts."""
+
+
+class UnknownSession(Exception):
+    """No record of the session (never created, or expired)."""
 
 
 def token_digest(token: str) -> str:
@@ -33,12 +78,11 @@ def token_matches(record: dict, token: str | None) -> bool:
 
 
 class SessionStore:
-    """Async access (redis.asyncio) for the ingress and the router."""
+    """Async access (redis.asyncio) for the ingress and the router; every call bounded by `timeout_s`."""
 
-    def __init__(self, redis_url: str):
-        import redis.asyncio as aioredis
-
-        self.redis = aioredis.from_url(redis_url, decode_responses=True)
+    def __init__(self, redis_url: str, timeout_s: float = 0.5):
+        self.redis = async_client(redis_url, timeout_s)
+        self._post = self.redis.register_script(_POST)
 
     async def create(self, session_id: str, token: str, seed: int) -> None:
         key = SESSION.format(session_id)
@@ -65,15 +109,20 @@ class SessionStore:
 
     async def mark_ended(self, session_id: str) -> None:
         """Ended by its client: no replica may restore it or write its checkpoint any more."""
-        await self.redis.hset(SESSION.format(session_id), "ended", 1)
-        await self.redis.delete(CHECKPOINT.format(session_id))
+        await self.redis.eval(_END, 2, SESSION.format(session_id), CHECKPOINT.format(session_id))
 
     async def free_slots(self) -> dict[str, int]:
         return {k: int(v) for k, v in (await self.redis.hgetall(LOAD)).items()}
 
     async def post_prompt(self, session_id: str, prompt: str) -> str:
-        event = {"type": "prompt", "prompt": prompt, "posted_at": repr(time.time())}
-        return await self.redis.xadd(EVENTS.format(session_id), event, maxlen=EVENTS_MAXLEN, approximate=True)
+        """Append a prompt event; returns its id. Raises UnknownSession, SessionEnded (nothing written)."""
+        keys = [SESSION.format(session_id), EVENTS.format(session_id), POSTED.format(session_id, new_id())]
+        result = await self._post(keys=keys, args=[EVENTS_MAXLEN, prompt, repr(time.time()), POST_TTL_S])
+        if result[0] == "unknown":
+            raise UnknownSession(session_id)
+        if result[0] == "ended":
+            raise SessionEnded(session_id)
+        return result[1]
 
     async def delete(self, session_id: str) -> None:
         await self.redis.delete(SESSION.format(session_id), EVENTS.format(session_id))
@@ -95,11 +144,8 @@ class ReplicaEvents:
     """Sync access for a Generator replica's Redis thread: its load, and its sessions' new events."""
 
     def __init__(self, redis_url: str, replica_id: str, timeout_s: float = 2.0):
-        import redis
-
-        self.redis = redis.Redis.from_url(
-            redis_url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+        self.redis = sync_client(redis_url, timeout_s)  # reads, sets and compare-and-sets: safe to re-send
+        self._end = self.redis.register_script(_END)
         self.replica_id = replica_id
         self.positions: dict[str, str] = {}  # session -> last event id read
         self._lock = threading.Lock()  # follow() comes from request handlers
@@ -121,6 +167,10 @@ class ReplicaEvents:
     def followed(self) -> list[str]:
         with self._lock:
             return list(self.positions)
+
+    def mark_ended(self, session_id: str) -> None:
+        """Ended here on its own (max_seconds, idle, failed): the ingress refuses its prompts from now on."""
+        self._end(keys=[SESSION.format(session_id), CHECKPOINT.format(session_id)])
 
     def set_free_slots(self, slots: int) -> None:
         self.redis.hset(LOAD, self.replica_id, slots)

@@ -8,17 +8,27 @@ An idempotency key maps to the first job submitted under it (`job:key:{key}`, SE
 
 Every call may raise `UNREACHABLE` while Redis is away (down, restarting, loading its append-only file):
 the worker retries those (jobs/worker.py) instead of failing the job. Socket timeouts bound how long a
-call waits on a Redis that does not answer.
+call waits on a Redis that does not answer. Commands are re-sent by redis-py's Retry only where that is
+safe: a submit is one Lua step keyed by its job id (sent twice, it queues the job once), a claim sets
+`attempts` to the value it read plus one instead of incrementing it, and XAUTOCLAIM and XREADGROUP,
+which a re-send would make skip an entry, are never re-sent (jobs/redis_client.py).
+
+A cancel takes effect in the record at once (state "cancelled"), whoever holds the job: a job no worker
+runs (queued, given back by a preempted worker, or held by a dead one) is never run again (a later claim
+only acknowledges its entry), and a running job's worker sees it at its next heartbeat, after each block,
+and removes what it made. Once a job has ended its record takes no more writes from workers.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass
 
 import redis
 
+from .redis_client import sync_client
 from .schemas import SubmitJob
 
 STREAM, GROUP, DEAD = "jobs", "workers", "jobs:dead"
@@ -27,6 +37,34 @@ KEY = "job:key:{}"
 RECORD_TTL_S = 7 * 24 * 3600
 ENDED = ("done", "failed", "cancelled")
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError is a ConnectionError
+ID_FORMAT = re.compile(r"[A-Za-z0-9_-]{22}")  # what secrets.token_urlsafe(16) makes
+# Submit: the job's record and its queue entry, once even when sent again (a lost reply, redis-py's
+# retry), unless its idempotency key (KEYS[2], "" for none) names an earlier job: returns the job's id.
+_SUBMIT = """
+if KEYS[2] ~= '' then
+  local first = redis.call('GET', KEYS[2])
+  if first and first ~= ARGV[1] then return first end
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return ARGV[1] end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1])
+return ARGV[1]
+"""
+# A job's record changes only while it has not ended: a cancel wins over a worker's late write (its
+# heartbeat, a release, a "done"). Returns whether it wrote.
+_UPDATE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'done' or state == 'failed' or state == 'cancelled' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
+def valid_job_id(value: str) -> bool:
+    """Checked before an id goes into a key name (`key:x` must not reach `job:key:x`)."""
+    return ID_FORMAT.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -38,10 +76,15 @@ class Claimed:
 
 
 class JobQueue:
-    def __init__(self, redis_url: str, max_attempts: int = 3, stale_after_s: float = 60.0):
-        self.redis = redis.Redis.from_url(
-            redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15
-        )
+    def __init__(
+        self, redis_url: str, max_attempts: int = 3, stale_after_s: float = 60.0, timeout_s: float = 15.0
+    ):
+        self.redis = sync_client(redis_url, timeout_s)
+        self.once = sync_client(
+            redis_url, timeout_s, idempotent=False
+        )  # XAUTOCLAIM, XREADGROUP: never re-sent
+        self._update = self.redis.register_script(_UPDATE)
+        self._submit = self.redis.register_script(_SUBMIT)
         self.max_attempts = max_attempts
         self.stale_after_ms = int(stale_after_s * 1000)
         try:
@@ -54,10 +97,6 @@ class JobQueue:
     def submit(self, request: SubmitJob, frames_total: int, token_sha256: str = "") -> tuple[str, bool]:
         """Queue a job; returns (job id, duplicate). A known idempotency key returns its first job."""
         job_id = secrets.token_urlsafe(16)
-        if request.idempotency_key is not None:
-            key = KEY.format(request.idempotency_key)
-            if not self.redis.set(key, job_id, nx=True, ex=RECORD_TTL_S):
-                return self.redis.get(key), True
         record = {
             "request": request.model_dump_json(),
             "state": "queued",
@@ -68,43 +107,46 @@ class JobQueue:
             "submitted_at": time.time(),
             "token_sha256": token_sha256,
         }
-        self.redis.hset(JOB.format(job_id), mapping=record)
-        self.redis.expire(JOB.format(job_id), RECORD_TTL_S)
-        self.redis.xadd(STREAM, {"job_id": job_id})
-        return job_id, False
+        key = KEY.format(request.idempotency_key) if request.idempotency_key is not None else ""
+        fields = [item for pair in record.items() for item in pair]
+        first = self._submit(keys=[JOB.format(job_id), key, STREAM], args=[job_id, RECORD_TTL_S, *fields])
+        return first, first != job_id
 
     def get(self, job_id: str) -> dict | None:
         return self.redis.hgetall(JOB.format(job_id)) or None
 
+    def update(self, job_id: str, **fields: str | int | float) -> bool:
+        """Write fields of a job that has not ended; False (nothing written) once it has."""
+        args = [item for pair in fields.items() for item in pair]
+        return bool(self._update(keys=[JOB.format(job_id)], args=args))
+
     def cancel(self, job_id: str) -> bool:
-        """Ask the job to stop (its worker checks every block); False if it has already ended."""
-        key = JOB.format(job_id)
-        if self.redis.hget(key, "state") in ENDED:
-            return False
-        self.redis.hset(key, "cancel", 1)
-        return True
+        """Cancel the job now (its worker, if any, stops at its next block); False if it had ended."""
+        return self.update(job_id, state="cancelled", finished_at=time.time())
 
     # -- workers -----------------------------------------------------------------------------------
     def claim(self, consumer: str, block_ms: int = 1000) -> Claimed | None:
         """The next job for `consumer`: a dead worker's stale one first, else a new one."""
         # Redis 7 answers [next, entries, deleted], 6.2 [next, entries]: take the entries.
-        stale = self.redis.xautoclaim(STREAM, GROUP, consumer, self.stale_after_ms, "0-0", count=1)[1]
+        stale = self.once.xautoclaim(STREAM, GROUP, consumer, self.stale_after_ms, "0-0", count=1)[1]
         entries = stale or [
             entry
-            for _, found in (self.redis.xreadgroup(GROUP, consumer, {STREAM: ">"}, 1, block_ms) or [])
+            for _, found in (self.once.xreadgroup(GROUP, consumer, {STREAM: ">"}, 1, block_ms) or [])
             for entry in found
         ]
         for entry_id, fields in entries:
             job_id = fields["job_id"]
-            attempt = self.redis.hincrby(JOB.format(job_id), "attempts", 1)
-            record = self.get(job_id)
-            if record.get("cancel") or record.get("state") in ("done", "cancelled"):
-                self.finish(job_id, entry_id, "cancelled" if record.get("cancel") else record["state"])
+            record = self.get(job_id) or {}
+            if not record or record.get("state") in ENDED:
+                self.redis.xack(STREAM, GROUP, entry_id)  # expired, cancelled or ended: never run again
                 return None
+            attempt = int(record.get("attempts", 0)) + 1  # set, not incremented: safe to send again
             if attempt > self.max_attempts:
                 self.dead_letter(job_id, entry_id, record.get("error") or "worker died")
                 return None
-            self.redis.hset(JOB.format(job_id), mapping={"state": "running", "consumer": consumer})
+            if not self.update(job_id, state="running", consumer=consumer, attempts=attempt):
+                self.redis.xack(STREAM, GROUP, entry_id)  # cancelled this very moment
+                return None
             return Claimed(job_id, entry_id, SubmitJob.model_validate_json(record["request"]), attempt)
         return None
 
@@ -117,27 +159,27 @@ class JobQueue:
         state: str | None = None,
     ) -> bool:
         """Keep the entry ours (resets its idle time) and publish progress (and `state`, e.g. "uploading");
-        False if cancelled."""
+        False once the job was cancelled (or ended elsewhere)."""
         self.redis.xclaim(STREAM, GROUP, consumer, 0, [claimed.entry_id], justid=True)
-        key = JOB.format(claimed.job_id)
         fields = {"frames_done": frames_done, "fps": None if fps is None else round(fps, 2), "state": state}
-        self.redis.hset(key, mapping={k: v for k, v in fields.items() if v is not None})
-        return not self.redis.hget(key, "cancel")
+        return self.update(claimed.job_id, **{k: v for k, v in fields.items() if v is not None})
 
-    def finish(self, job_id: str, entry_id: str, state: str, **fields: str) -> None:
-        self.redis.hset(JOB.format(job_id), mapping={"state": state, "finished_at": time.time(), **fields})
+    def finish(self, job_id: str, entry_id: str, state: str, **fields: str) -> bool:
+        """End the job and acknowledge its entry; False when it had ended already (e.g. cancelled while
+        its video was uploading: the caller removes the video)."""
+        written = self.update(job_id, state=state, finished_at=time.time(), **fields)
         self.redis.xack(STREAM, GROUP, entry_id)
+        return written
 
     def release(self, claimed: Claimed) -> None:
-        """Give a preempted job back: pending, it is taken over once idle for `stale_after_s`."""
-        self.redis.hset(JOB.format(claimed.job_id), mapping={"state": "queued"})
-        self.redis.hincrby(JOB.format(claimed.job_id), "attempts", -1)  # preemption is not a failure
+        """Give a preempted job back: pending, it is taken over once idle for `stale_after_s`. Preemption
+        is not a failure: the attempt is taken back (set, not decremented: safe to send again)."""
+        self.update(claimed.job_id, state="queued", attempts=claimed.attempt - 1)
 
     def fail(self, claimed: Claimed, error: str) -> None:
-        """Record the error; the entry stays pending, so it is retried after `stale_after_s`."""
-        if self.redis.hget(JOB.format(claimed.job_id), "state") in ENDED:
-            return  # another worker finished it (after a long Redis outage both may have run it)
-        self.redis.hset(JOB.format(claimed.job_id), mapping={"state": "queued", "error": error[:2000]})
+        """Record the error; the entry stays pending, so it is retried after `stale_after_s`. Nothing is
+        written once the job has ended (another worker finished it, or it was cancelled)."""
+        self.update(claimed.job_id, state="queued", error=error[:2000])
 
     def dead_letter(self, job_id: str, entry_id: str, error: str) -> None:
         self.redis.xadd(DEAD, {"job_id": job_id, "error": error[:2000]})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, HttpUrl, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from longlive_core.schedule import PromptChange, ScheduleError, validate_schedule
 
@@ -14,6 +14,8 @@ IDEMPOTENCY_KEY = r"^[A-Za-z0-9._:-]+$"  # UUIDs, "render-1", "user:42.v2"; it b
 
 
 class SubmitJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelled field is a 422 naming it
+
     schedule: list[PromptChange] = Field(min_length=1, max_length=MAX_ENTRIES)
     seconds: float = Field(
         gt=0, le=MAX_SECONDS, allow_inf_nan=False, description="video length; 240 s and beyond"
@@ -50,4 +52,10 @@ class JobStatus(BaseModel):
     eta_s: float | None
     attempts: int
     error: str | None
-    result_url: str | None = Field(None, description="presigned URL of the MP4 once done")
+    result_url: str | None = Field(
+        None, description="once done: a presigned S3 URL, or GET /v1/jobs/{id}/video.mp4 of a local store"
+    )
+
+
+class JobCancelled(BaseModel):
+    cancelled: bool = Field(description="false: the job had ended already")

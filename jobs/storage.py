@@ -69,8 +69,12 @@ class LocalStore:
     def abort_stale(self, key: str) -> None:
         (self.root / f"{key}.partial").unlink(missing_ok=True)
 
-    def url(self, key: str, expires_s: int = 3600) -> str:
-        return (self.root / key).resolve().as_uri()
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
+
+    def path(self, key: str) -> Path:
+        """Where the object is (the service serves it at GET /v1/jobs/{id}/video.mp4)."""
+        return self.root / key
 
 
 class LocalUpload:
@@ -131,6 +135,9 @@ class S3Store:
                 return False
             raise
         return True
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=key)
 
     def abort_stale(self, key: str) -> None:
         """Abort uploads of `key` a dead worker left open (they would cost storage, never show)."""

@@ -31,6 +31,7 @@ from longlive_core.live import StreamingRuntime
 from longlive_core.schedule import frames_total, switch_block
 
 from .queue import ENDED, UNREACHABLE, Claimed, JobQueue
+from .repeats import Repeats
 from .storage import LocalStore, S3Store, Stopped, transient
 
 logger = logging.getLogger("longlive.jobs")
@@ -77,19 +78,23 @@ class Backoff:
 
 def until_redis_answers(call: Callable[[], T], backoff: Backoff, what: str, stop: threading.Event) -> T:
     """`call()` (a Redis write), retried while Redis is unreachable; raises once `stop` is set."""
+    unreachable = Repeats(logger, f"{what}: Redis unreachable, retrying")
     for delay in backoff.delays():
         try:
-            return call()
+            result = call()
         except UNREACHABLE as err:
             if stop.is_set():
                 raise
-            logger.warning("%s: Redis unreachable (%s); trying again in %.1f s", what, err, delay)
+            unreachable.failed(err)
             stop.wait(delay)
+        else:
+            unreachable.ok()
+            return result
     raise AssertionError("unreachable")
 
 
 class Heartbeat:
-    """Renews the job's claim, publishes progress and reads the cancel flag. A beat that fails because
+    """Renews the job's claim, publishes progress and learns of a cancel. A beat that fails because
     Redis is away is logged and skipped; beats resume after a backoff (at most a quarter of the stale
     time, so the claim is renewed soon after Redis returns) and the job goes on meanwhile."""
 
@@ -275,10 +280,13 @@ def upload(
         except UNREACHABLE:
             pass  # still pending: taken over once stale
         return "stopped"
-    until_redis_answers(
+    finished = until_redis_answers(
         lambda: queue.finish(claimed.job_id, claimed.entry_id, "done", key=key), backoff, job, stop
     )
     spool.unlink(missing_ok=True)
+    if not finished:  # cancelled while its last part went up: the cancel wins
+        store.delete(key)
+        return "cancelled"
     return "done"
 
 
@@ -291,8 +299,19 @@ def sweep_spool(queue: JobQueue, spool_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def without_userinfo(url: str) -> str:
+    """The URL as logs may show it: no `user:password@`."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def notify(claimed: Claimed, state: str) -> None:
-    """POST {job_id, state} to the job's callback URL, if any; a failing callback never fails the job."""
+    """POST {job_id, state} to the job's callback URL, if any; a failing callback never fails the job.
+    The log names the URL without its credentials, and not httpx's message (it carries the URL whole)."""
     url = claimed.request.callback_url
     if url is None:
         return
@@ -300,8 +319,13 @@ def notify(claimed: Claimed, state: str) -> None:
 
     try:
         httpx.post(str(url), json={"job_id": claimed.job_id, "state": state}, timeout=10).raise_for_status()
+    except httpx.HTTPStatusError as err:
+        shown = without_userinfo(str(url))
+        logger.warning("job %s: callback %s answered %d", claimed.job_id, shown, err.response.status_code)
     except httpx.HTTPError as err:
-        logger.warning("job %s: callback %s failed: %s", claimed.job_id, url, err)
+        logger.warning(
+            "job %s: callback %s failed: %s", claimed.job_id, without_userinfo(str(url)), type(err).__name__
+        )
 
 
 class JobWorker:
@@ -354,6 +378,7 @@ class JobWorker:
 
     def _claim_loop(self) -> None:
         next_sweep = 0.0  # leftovers of ended jobs go at start, after each job and every so often
+        unreachable = Repeats(logger, "claiming jobs: Redis unreachable")
         while not self.stop.is_set():
             if self.preempt.is_set() or self.host.load >= self.host.max_sessions - self.reserve:
                 time.sleep(0.1)
@@ -363,10 +388,15 @@ class JobWorker:
                     sweep_spool(self.queue, self.spool_dir)
                     next_sweep = time.monotonic() + max(1.0, self.queue.stale_after_ms / 1000)
                 claimed = self.queue.claim(self.consumer, block_ms=200)
-            except Exception:  # noqa: BLE001 - e.g. Redis away: keep the worker, try again
-                logger.exception("claiming a job failed")
-                time.sleep(1)
+            except UNREACHABLE as err:  # Redis away: logged once, counted, tried again
+                unreachable.failed(err)
+                self.stop.wait(1)
                 continue
+            except Exception:  # noqa: BLE001 - a bug, not Redis: logged with its traceback, the worker kept
+                logger.exception("claiming a job failed (a bug)")
+                self.stop.wait(1)
+                continue
+            unreachable.ok()
             if claimed is None:
                 continue
             if self.stop.is_set():  # stopped while waiting for a job: give it back untouched

@@ -24,7 +24,8 @@ _local_serve: dict = {"server": None, "last_user": None}
 def local_serve(tmp_path_factory):
     from tests.local_serve import LocalServe
 
-    server = LocalServe(tmp_path_factory.mktemp("local-serve"))
+    directory = tmp_path_factory.mktemp("local-serve")
+    server = LocalServe(directory, data_dir=directory / "data")
     _local_serve["server"] = server
     try:
         server.start()

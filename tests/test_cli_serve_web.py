@@ -6,6 +6,7 @@ download. Screenshots and downloads go to $LONGLIVE_ARTIFACTS, else a temp direc
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -156,7 +157,13 @@ def test_batch_tab_submits_a_schedule_and_follows_the_job(local_serve, browser, 
     page.wait_for_function("() => document.querySelector('#job').dataset.state === 'done'")
     assert page.evaluate("document.querySelector('#job-progress').value") == 1
     assert "33 / 33 frames" in page.inner_text("#job-detail")
-    assert "file://" in page.inner_text("#job-result")  # the local store's file, named
+    # The local store's video: a link to the service's token-checked route, which the page can follow.
+    href = page.get_attribute("#job-link", "href")
+    assert href.startswith(f"{local_serve.base}/v1/jobs/") and "/video.mp4?token=" in href
+    video = page.request.get(href)
+    assert video.ok and video.headers["content-type"] == "video/mp4"
+    with av.open(io.BytesIO(video.body())) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 33
     assert page.is_hidden("#live")
     page.screenshot(path=artifacts / "batch.png", full_page=True)
     assert not errors, errors

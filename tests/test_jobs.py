@@ -234,6 +234,39 @@ def test_cancel_stops_within_a_block_and_leaves_nothing(pipe, redis_url, s3):
     assert not queue.cancel(job_id)  # ended
 
 
+def test_a_cancel_of_a_job_no_worker_runs_takes_effect_at_once_and_it_never_runs_again(pipe, redis_url, s3):
+    # The slow cancel of issue 21: a job given back by a preempted worker (or held by a dead one) waits,
+    # pending, for a stale re-claim; its cancel waited with it (60 s by default), and the re-claim counted
+    # a second attempt. Here the re-claim comes after 3 s: the cancel must not wait for it.
+    queue, store = JobQueue(redis_url, stale_after_s=3.0), S3Store(BUCKET, s3)
+    job_id, _ = queue.submit(job(60), frames_total(60))
+    worker = start_worker(pipe, queue, store, "w-preempted")
+    try:
+        wait_until(lambda: int(queue.get(job_id)["frames_done"]) > 0, 60)
+        worker.preempt.set()  # a live session takes the slot: the job goes back, pending
+        wait_state(queue, job_id, {"queued"}, timeout=30)
+        started = time.monotonic()
+        assert queue.cancel(job_id)
+        record = wait_state(queue, job_id, {"cancelled"}, timeout=10)
+        assert time.monotonic() - started < 1.0  # at once, not at the re-claim
+        worker.preempt.clear()
+        # The worker re-claims the stale entry and only acknowledges it: no attempt, no frame.
+        wait_until(lambda: not queue.redis.xpending_range(STREAM, GROUP, "-", "+", 10), 30)
+    finally:
+        worker.shutdown()
+    after = queue.get(job_id)
+    assert after["state"] == "cancelled" and after["attempts"] == record["attempts"] == "0"
+    assert after["frames_done"] == record["frames_done"]
+    assert not store.exists(video_key(job_id)) and not open_uploads(store)
+
+
+def wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
 def test_a_job_that_keeps_failing_goes_to_the_dead_letter_stream(pipe, redis_url, s3, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="longlive.jobs")
     queue = JobQueue(redis_url, max_attempts=2, stale_after_s=0.2)

@@ -104,7 +104,11 @@ def test_restarting_redis_mid_session_loses_no_prompt(service):
         refused = post(base, session, "posted while redis is down")
         assert refused.status_code == 503 and "retry-after" in refused.headers  # refused, not lost
         assert httpx.get(f"{base}/readyz", timeout=30).status_code == 503
-        time.sleep(1.0)  # the session goes on from memory meanwhile
+        # The session goes on from memory meanwhile: more of its stream arrives.
+        during, deadline = len(received), time.monotonic() + 30
+        while len(received) < during + 2:
+            assert time.monotonic() < deadline, "the stream stalled while Redis was down"
+            time.sleep(0.05)
     finally:
         redis.start()
     wait_ready(base, timeout=60)

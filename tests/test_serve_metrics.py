@@ -8,6 +8,7 @@ import re
 import time
 
 import httpx
+from ray import serve
 
 from deployments.cli import main as cli
 from tests.service_fixture import FOREST, auth, created
@@ -81,7 +82,11 @@ def test_metrics_admin_endpoint_and_status_after_a_short_session(service, capsys
                     assert httpx.delete(url, headers=auth(job["token"]), timeout=30).status_code == 202
     # 3. Redis away for a moment: the replicas count it and go on.
     redis.stop(kill=True)
-    time.sleep(0.5)
+    generator = serve.get_deployment_handle("Generator", "longlive")
+    deadline = time.monotonic() + 30
+    while generator.info.remote().result(timeout_s=30)["redis"]:  # until a replica has noticed
+        assert time.monotonic() < deadline, "no replica noticed Redis going away"
+        time.sleep(0.05)
     redis.start()
 
     deadline = time.monotonic() + 45  # the metrics agent exports every ~10 s

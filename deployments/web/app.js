@@ -588,7 +588,8 @@ function renderTimeline(prompts) {
       const at = blockStartFrame(entry.block) / FPS;
       meta = `block ${entry.block} · ${seconds(at)} into the video`;
       if (i > 0 && entry.applied_at !== null) {
-        meta += ` · applied ${seconds(entry.applied_at - entry.posted_at)} after posting`;
+        const waited = (Date.parse(entry.applied_at) - Date.parse(entry.posted_at)) / 1000; // ISO 8601 UTC
+        meta += ` · applied ${seconds(waited)} after posting`;
       }
       if (live.onScreen.has(i)) meta += ` · on screen after ${seconds(live.onScreen.get(i))}`;
     }
@@ -727,15 +728,14 @@ function showResult(url) {
   if (result.childElementCount) return;
   if (/^https?:/.test(url)) {
     const link = document.createElement('a');
-    link.href = url;
+    // A local store's video is this service's token-checked route: a link cannot send the header.
+    const own = new URL(url, location.href);
+    if (own.origin === location.origin) own.searchParams.set('token', job.token);
+    link.href = own.href;
     link.textContent = 'Download the video';
     link.rel = 'noopener';
     link.id = 'job-link';
     result.append(link);
-  } else {
-    const code = document.createElement('code');
-    code.textContent = url;
-    result.append('Stored on the server at ', code); // a local store's file:// URL
   }
 }
 
