@@ -24,6 +24,7 @@ class ServiceConfig(BaseModel):
     lead_seconds: float = Field(1.5, gt=0, description="how far generation may run ahead of playback")
     buffer_blocks: int = Field(16, ge=1, description="blocks buffered per session before old ones drop")
     idle_timeout_s: float = Field(60, gt=0, description="a session nobody reads for this long ends")
+    max_streams_per_session: int = Field(2, ge=1, description="open streams of one session; more get 429")
     playback_speed: float = Field(1.0, ge=0, description="pacing: 1 = real time, 0 = unpaced")
     graceful_shutdown_timeout_s: float = Field(300, ge=0, description="drain time; above the longest session")
     retry_after_s: int = Field(5, ge=1, description="Retry-After on 503 when every replica is full")

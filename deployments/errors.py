@@ -19,5 +19,12 @@ class FramesGone(Exception):
     """The frame a stream asked to resume at has left the session's ring of retained blocks."""
 
     def __init__(self, oldest_frame: int):
-        super().__init__(f"that frame is gone; the oldest frame kept is {oldest_frame}")
+        super().__init__(oldest_frame)  # args round-trip through pickle (Ray sends it to the ingress)
         self.oldest_frame = oldest_frame
+
+    def __str__(self) -> str:
+        return f"that frame is no longer kept; the oldest frame kept is {self.oldest_frame}"
+
+
+class TooManyStreams(Exception):
+    """The session has as many open streams as it allows."""

@@ -38,7 +38,7 @@ from longlive_core.schedule import block_of_frame
 
 from .checkpoints import CheckpointStore
 from .config import ServiceConfig
-from .errors import FramesGone, ReplicaFull, SessionMoved, SessionNotHere
+from .errors import FramesGone, ReplicaFull, SessionMoved, SessionNotHere, TooManyStreams
 from .metrics import log, metrics
 from .store import ReplicaEvents
 
@@ -78,6 +78,7 @@ class Generator:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.host = build_host(self.config)
         self.metrics = metrics()
+        self._engine_metrics_bug = Repeats(logger, "engine metrics failed (a bug)")  # the engine thread's
         # Warmed up on the thread that then steps (CUDA handles are per thread): every batch size, so
         # nothing compiles while serving; the replica is ready once it returns.
         self.engine = EngineThread(self.host, self.config.warm_up_sessions, on_error=self._engine_failed)
@@ -101,6 +102,7 @@ class Generator:
         self._redis_bug = Repeats(logger, "redis thread failed (a bug, not Redis)")
         self._metrics_bug = Repeats(logger, "metrics failed (a bug)")  # the Redis thread's
         self._job_metrics_bug = Repeats(logger, "job metrics failed (a bug)")  # the job worker's thread
+        self._streams: dict[str, int] = {}  # session -> its open streams (the event loop's own)
         self._moved: dict[str, None] = {}  # sessions closed here as another replica owns them now (ordered)
         self._restoring = asyncio.Lock()
         self._stop = threading.Event()
@@ -151,8 +153,23 @@ class Generator:
         """(first frame, frames, bytes) pieces from exactly video frame `from_frame` on. fMP4: the init
         segment (unless send_init is False: continuing a stream) + one fragment per block, decode times
         counted from the session's start; jpeg: one JPEG per frame. Each stream reads every block at its
-        own cursor. Raises FramesGone when `from_frame` has left the session's ring of blocks."""
+        own cursor. Raises FramesGone when `from_frame` has left the session's ring of blocks,
+        TooManyStreams past max_streams_per_session."""
         await self._ensure(session_id, from_frame)
+        if self._streams.get(session_id, 0) >= self.config.max_streams_per_session:
+            raise TooManyStreams(f"the session has {self.config.max_streams_per_session} streams open")
+        self._streams[session_id] = self._streams.get(session_id, 0) + 1
+        try:
+            async for piece in self._pieces(session_id, fmt, from_frame, send_init):
+                yield piece
+        finally:
+            self._streams[session_id] -= 1
+            if not self._streams[session_id]:
+                del self._streams[session_id]
+
+    async def _pieces(
+        self, session_id: str, fmt: str, from_frame: int, send_init: bool
+    ) -> AsyncIterator[tuple[int, int, bytes]]:
         width, height = self.host.width, self.host.height
         encoder = None
         block = block_of_frame(from_frame, self.host.config.block_frames)
@@ -286,7 +303,7 @@ class Generator:
 
     def _engine_failed(self, _: BaseException) -> None:
         """The engine loop ended on a bug (logged by EngineThread); check_health then fails the replica."""
-        self._guarded(lambda: self.metrics.error("generator", "engine"), "metrics")
+        self._guarded(lambda: self.metrics.error("generator", "engine"), self._engine_metrics_bug)
 
     def _redis_loop(self) -> None:
         """Prompt events in, checkpoints and free slots out. Redis away (redis-py's ConnectionError or

@@ -23,7 +23,7 @@ from jobs.storage import LocalStore
 from longlive_core.schedule import frames_total
 
 from .config import ServiceConfig
-from .errors import ReplicaFull, SessionMoved, SessionNotHere
+from .errors import FramesGone, ReplicaFull, SessionMoved, SessionNotHere, TooManyStreams
 from .metrics import log, metrics
 from .problems import ApiError, not_found, problem
 from .schemas import (
@@ -48,7 +48,7 @@ FAILOVER_BACKOFF_S = 0.5
 READY_TIMEOUT_S = 0.8  # /readyz answers within 1 s whatever the replicas do
 REPLICA_GONE = (RayActorError, ActorUnavailableError)  # its replica died or is being replaced
 logger = logging.getLogger("longlive.ingress")
-ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 409, 413, 422, 429, 503)}
+ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 409, 410, 413, 422, 429, 503)}
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -116,6 +116,36 @@ class Ingress:
                 await asyncio.sleep(FAILOVER_BACKOFF_S)
             except SessionNotHere:
                 return
+
+    async def _opened(self, session_id: str, fmt: str, from_frame: int) -> AsyncIterator[bytes]:
+        """The stream with its first piece fetched already, so that a refusal (the frame asked for is no
+        longer kept, too many streams) answers as a status, not as a broken stream."""
+        pieces = self._pieces(session_id, fmt, from_frame)
+        try:
+            first = [await anext(pieces)]
+        except StopAsyncIteration:
+            first = []
+        except FramesGone as gone:
+            oldest = getattr(gone, "cause", gone).oldest_frame  # Ray's wrapper keeps the cause
+            raise ApiError(
+                410, "frames_gone", f"frame {from_frame} is no longer kept", oldest_frame=oldest
+            ) from None
+        except TooManyStreams:
+            limit = self.config.max_streams_per_session
+            raise ApiError(
+                429,
+                "too_many_streams",
+                f"the session has its {limit} streams open: close one first",
+                headers={"Retry-After": str(self.config.retry_after_s)},
+            ) from None
+
+        async def chained() -> AsyncIterator[bytes]:
+            for piece in first:
+                yield piece
+            async for piece in pieces:
+                yield piece
+
+        return chained()
 
     async def _authorize(self, session_id: str, token: str | None) -> dict:
         if not valid_id(session_id):
@@ -236,10 +266,13 @@ class Ingress:
         from_frame: int = Query(0, ge=0, description="resume: the first video frame still needed"),
     ) -> StreamingResponse:
         """The live video as one chunked fragmented MP4 (a fragment per block; decode times count from the
-        session's first frame, so a resumed stream continues the old one's timeline)."""
+        session's first frame, so a resumed stream continues the old one's timeline), from exactly frame
+        `from_frame` on: 410 with the oldest frame kept when the session no longer has it, 429 past the
+        session's open streams."""
         await self._authorize(session_id, bearer(authorization) or token)
         await self._running(session_id)
-        return StreamingResponse(self._pieces(session_id, "mp4", from_frame), media_type="video/mp4")
+        pieces = await self._opened(session_id, "mp4", from_frame)
+        return StreamingResponse(pieces, media_type="video/mp4")
 
     @app.websocket("/v1/sessions/{session_id}/stream")
     async def websocket(
@@ -257,7 +290,12 @@ class Ingress:
             return
         await ws.accept()
         try:
-            async for chunk in self._pieces(session_id, format, from_frame):
+            pieces = await self._opened(session_id, format, from_frame)
+        except ApiError as refused:  # 4410: the frame is no longer kept, 4429: too many streams
+            await ws.close(code=4000 + refused.status, reason=f"{refused.code}: {refused.extra}"[:120])
+            return
+        try:
+            async for chunk in pieces:
                 await ws.send_bytes(chunk)
             await ws.close()
         except WebSocketDisconnect:

@@ -13,11 +13,18 @@ HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 class ApiError(Exception):
+    """extra: more fields of the problem body (e.g. the oldest frame a resume can ask for)."""
+
     def __init__(
-        self, status: int, code: str, detail: str | list[dict], headers: dict[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        detail: str | list[dict],
+        headers: dict[str, str] | None = None,
+        **extra: object,
     ):
         super().__init__(code)
-        self.status, self.code, self.detail, self.headers = status, code, detail, headers
+        self.status, self.code, self.detail, self.headers, self.extra = status, code, detail, headers, extra
 
 
 def problem(status: int, code: str, detail: str | list, headers: dict | None = None, **extra) -> JSONResponse:

@@ -69,6 +69,7 @@ class Problem(BaseModel):
     detail: str | list[FieldError] = Field(description="what was wrong; per field for a 422")
     code: str = Field(description="machine-readable: session_not_found, session_ended, invalid_request, ...")
     request_id: str | None = Field(None, description="on a 500: the id the replica's log names")
+    oldest_frame: int | None = Field(None, description="on a 410: the oldest frame a resume can ask for")
 
 
 class Ready(BaseModel):

@@ -282,7 +282,7 @@ def install(app: FastAPI) -> Guard:
         return problem(422, "invalid_request", validation_errors(exc))
 
     async def refused(request: Request, exc: ApiError) -> JSONResponse:
-        return problem(exc.status, exc.code, exc.detail, exc.headers)
+        return problem(exc.status, exc.code, exc.detail, exc.headers, **exc.extra)
 
     async def starlette_refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
