@@ -1,14 +1,13 @@
 """What redis-py's Retry may send twice (a reply lost after Redis ran the command) must not happen twice:
 a prompt post and a job submit sent again write nothing new. A real redis-server; the second send is the
 same call with the same arguments, as the Retry would make it. Also: a restarted Redis costs the
-retrying clients no failed call (the asyncio no-retry client, the control, fails once)."""
+retrying clients no failed call."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
-import redis
 
 from deployments.store import EVENTS, POSTED, SESSION, SessionStore, new_id
 from jobs.queue import JOB, KEY, RECORD_TTL_S, STREAM, JobQueue
@@ -58,17 +57,14 @@ def test_after_a_redis_restart_the_retrying_clients_fail_no_call(server):
     server.start()
     assert retrying.set("k", "v")
 
-    async def async_side() -> tuple[str, bool]:
-        client, once = async_client(server.url, 0.5), async_client(server.url, 0.5, idempotent=False)
+    async def async_side() -> str:
+        client = async_client(server.url, 0.5)
         await client.ping()
-        await once.ping()
         server.stop(kill=True)
         server.start()
-        value = await client.get("k")  # its pooled connection died with Redis: re-sent on a fresh one
-        try:
-            await once.get("k")
-        except redis.ConnectionError:  # the control: without retries the dead connection shows
-            return value, True
-        return value, False
+        return await client.get("k")  # its pooled connection died with Redis: the call still answers
 
-    assert asyncio.run(async_side()) == ("v", True)
+    # No control with a non-retrying client: whether its first call after a restart fails depends on
+    # whether redis-py notices the dead pooled connection as it takes it (it did on one CI run and not on
+    # another), so that comparison is not one that fails reliably.
+    assert asyncio.run(async_side()) == "v"
