@@ -1025,8 +1025,9 @@ class StreamingRuntime:
                 decode_begin = torch.cuda.Event(enable_timing=True)
                 decode_begin.record(stream)
             for sid, block in made.latents.items():
-                session = made.owners[sid]
-                if session.decoder_stream is None:  # it left meanwhile
+                session = made.owners.get(sid)
+                # It left meanwhile: closed before the launch's lock (no owner), or after it.
+                if session is None or session.decoder_stream is None:
                     continue
                 if stream is not None:
                     block.record_stream(stream)

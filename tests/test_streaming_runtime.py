@@ -303,6 +303,29 @@ def test_a_session_id_can_come_back_after_it_ended(pipe):
     assert np.abs(frames - alone(pipe, RED, 3, 3, {})).mean() > 3  # control: another session's frames
 
 
+def test_a_session_forgotten_while_its_block_is_made_takes_no_other_sessions_block(pipe):
+    """Closed and forgotten by another thread during the step that makes its block (a moved session):
+    that block reaches nobody, and the other session's block of the same step is delivered."""
+    rt = runtime(pipe, max_sessions=2)
+    rt.open("a", RED)
+    rt.open("b", SEA)
+    rt.run_once()
+    step = rt.engine.step
+
+    def step_while_a_leaves(only):
+        latents = step(only)
+        rt.close("a")  # as the Generator's thread does while the engine thread steps
+        rt.forget("a")
+        return latents
+
+    rt.engine.step = step_while_a_leaves
+    rt.run_once()
+    rt.engine.step = step
+    assert [c.block for c in read_all(rt, "b")] == [0, 1]
+    rt.run_once()
+    assert [c.block for c in read_all(rt, "b")] == [2] and rt.load == 1
+
+
 def test_the_engine_thread_warms_up_on_itself_and_reports_a_failed_warm_up(pipe):
     from longlive_core.engine_thread import EngineThread
 
