@@ -520,7 +520,9 @@ def generator_deployment(config: ServiceConfig):
         ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": config.replica_gpus},
         max_ongoing_requests=4 * config.max_sessions + 16,  # each live stream holds one
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
-        health_check_period_s=5,
+        # A dead replica is noticed within a second (the check is a few attribute reads): with one replica,
+        # its replacement starts that much sooner (bench/results/failover_*_cpu.md).
+        health_check_period_s=1,
         request_router_config=RequestRouterConfig(
             request_router_class=SessionRouter, request_router_kwargs={"redis_url": config.redis_url}
         ),

@@ -24,6 +24,7 @@ from longlive_core.schedule import frames_total
 
 from .config import ServiceConfig
 from .errors import FramesGone, ReplicaFull, SessionMoved, SessionNotHere, TooManyStreams
+from .gone_replicas import GONE
 from .metrics import log, metrics
 from .problems import ApiError, not_found, problem
 from .schemas import (
@@ -89,7 +90,20 @@ class Ingress:
                     raise ApiError(
                         503, "replica_gone", "the session's replica is gone and no other took it over"
                     ) from None
-                await asyncio.sleep(FAILOVER_BACKOFF_S)
+                await self._replica_gone(session_id)
+
+    async def _replica_gone(self, session_id: str) -> None:
+        """A call of the session failed on its replica: the router moves the session at its next request
+        (GONE), without waiting for Serve's health checks. The first retry goes at once, later ones back off
+        (with one replica, until Serve's replacement is up)."""
+        try:
+            owner = await self.store.owner(session_id)
+        except RedisError:  # Redis away too: Serve's own view of the replicas decides
+            owner = None
+        if owner is not None and owner not in GONE.recent():
+            GONE.report(owner)
+            return
+        await asyncio.sleep(FAILOVER_BACKOFF_S)
 
     async def _pieces(self, session_id: str, fmt: str, from_frame: int) -> AsyncIterator[bytes]:
         """The session's video from `from_frame` on. If its replica dies mid-stream, the stream goes on
@@ -103,7 +117,7 @@ class Ingress:
                     yield data
                     next_frame, send_init, deadline = first + frames, False, None
                 return
-            except (*REPLICA_GONE, SessionMoved):
+            except (*REPLICA_GONE, SessionMoved) as err:
                 deadline = deadline or time.monotonic() + self.config.failover_timeout_s
                 if time.monotonic() > deadline:
                     self.metrics.error("ingress", "failover_timeout")
@@ -113,7 +127,10 @@ class Ingress:
                     next_frame,
                     extra={"session_id": session_id},
                 )
-                await asyncio.sleep(FAILOVER_BACKOFF_S)
+                if isinstance(err, SessionMoved):  # moved by another router: follow it
+                    await asyncio.sleep(FAILOVER_BACKOFF_S)
+                else:
+                    await self._replica_gone(session_id)
             except SessionNotHere:
                 return
 

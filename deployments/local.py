@@ -55,6 +55,19 @@ def instance_args(args: dict, data_dir: Path, redis_url: str | None, drain_s: fl
     return updated
 
 
+def one_replica_per_gpu(app: dict, gpus: float) -> None:
+    """On GPU replicas, as many Generators as this machine's GPUs hold (at least the config's): with two,
+    a failed replica's sessions move to the other in about a second; with one, Serve restarts it in place
+    (deployments/README.md, Failover, gives both times)."""
+    per_replica = float(app.get("args", {}).get("replica_gpus", 0))
+    if per_replica <= 0:
+        return
+    for deployment in app.get("deployments", []):
+        configured = deployment.get("num_replicas", 1)
+        if deployment.get("name") == "Generator" and isinstance(configured, int):  # not "auto"
+            deployment["num_replicas"] = max(configured, int(gpus // per_replica))
+
+
 def api_key_set(config: dict) -> bool:
     return bool(os.environ.get("LONGLIVE_API_KEYS", "").strip()) or any(
         app.get("args", {}).get("api_keys") for app in config["applications"]
@@ -133,10 +146,6 @@ def serve_forever(
             redis_url = private.url
             # Through the environment (which the local Ray's workers inherit), not the args: Serve logs those.
             os.environ[PASSWORD_ENV] = private.password
-        for app in config["applications"]:
-            url = None if "redis_url" in app.get("args", {}) else redis_url
-            app["args"] = instance_args(app.get("args", {}), data_dir, url, drain_s)
-        schema = ServeDeploySchema(**config)
         print(f"longlive: data folder {data_dir}", flush=True)
         # Our own Ray unless told to join one ("local" ignores RAY_ADDRESS and any `ray start` cluster).
         # Ray 2.60 binds its own gRPC ports on every interface and turns a loopback node address into the
@@ -144,6 +153,11 @@ def serve_forever(
         context = ray.init(
             address=ray_address or "local", include_dashboard=False if ray_address is None else None
         )
+        for app in config["applications"]:
+            url = None if "redis_url" in app.get("args", {}) else redis_url
+            app["args"] = instance_args(app.get("args", {}), data_dir, url, drain_s)
+            one_replica_per_gpu(app, ray.cluster_resources().get("GPU", 0))
+        schema = ServeDeploySchema(**config)
         print(f"longlive: Ray's logs in {context.address_info['session_dir']}/logs", flush=True)
         stop = stop_on_signals()
         serve.start(http_options={"host": host, "port": port})

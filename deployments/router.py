@@ -6,6 +6,10 @@ be lost). When a session's replica is gone, the router moves the session to the 
 which restores it from its checkpoint. A session's first request (create) goes to the replica with the
 most free session slots (each replica publishes its load in Redis), not where a hash puts it. The router
 runs in every process that holds a handle to the Generator (each ingress replica); they share the table.
+
+A replica that a call from this process found gone (reported by the ingress: deployments/gone_replicas.py)
+counts as gone at once: its sessions move at their next request, not after Serve's health checks drop it
+(a killed replica first fails calls with ActorUnavailableError, which Ray's own router does not act on).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from redis.exceptions import RedisError
 
 from jobs.repeats import Repeats
 
+from . import gone_replicas
 from .store import SessionStore
 
 OWNER_CACHE_SIZE = 100_000  # sessions whose owner this process remembers without asking Redis
@@ -51,6 +56,11 @@ class SessionRouter(RequestRouter):
             return [candidate_replicas]
         pending_request.routing_context.should_backoff = True
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
+        gone = gone_replicas.GONE.recent()
+        # A replica found gone is no candidate, unless nothing else is (the call fails again at once and
+        # is retried, until Serve's replacement is up).
+        by_id = {rid: r for rid, r in by_id.items() if rid not in gone} or by_id
+        candidate_replicas = list(by_id.values())
         # Never raise here: an exception ends Ray's routing loop and the request would hang unrouted.
         # (The store's client re-sends these idempotent reads and compare-and-sets itself.)
         try:

@@ -527,6 +527,9 @@ class StreamingRuntime:
         session.engine_id = self._new_engine_id(cp.session_id)
         session.blocks_done = session.blocks_made = session.read_blocks = session.cursor = block
         session.frames_done = video_frames(block * self.config.block_frames) if block else 0
+        # Kept from the start: a checkpoint taken before the engine joins it (the Redis thread saves a new
+        # session at once) must still hold what a restore needs, or a second move finds nothing to resume.
+        session.kept = {b: cp.latents[b] for b in cp.latents if b < block}
         pending = []
         for index, entry in enumerate(timeline):
             if entry.block is None:
@@ -851,7 +854,6 @@ class StreamingRuntime:
                     session.decoder_stream, latents, self.pipe.vae_dtype, self.pipe.runtime.low_memory
                 )
         with self._lock:
-            session.kept = {b: cp.latents[b] for b in cp.latents if b < block}
             session.in_engine = True
             session.move_to(SessionPhase.LIVE)
 

@@ -193,6 +193,23 @@ def test_serve_reports_a_missing_config(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_gpu_replicas_run_one_per_gpu_and_cpu_ones_as_configured():
+    from deployments.local import one_replica_per_gpu
+
+    def generators(args: dict, gpus: float, configured=1) -> int | str:
+        app = {"args": args, "deployments": [{"name": "Generator", "num_replicas": configured}]}
+        one_replica_per_gpu(app, gpus)
+        return app["deployments"][0]["num_replicas"]
+
+    shipped = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
+    assert generators(shipped["args"], gpus=2) == 1  # the embedded default runs on the CPU
+    assert generators({"replica_gpus": 1}, gpus=2) == 2
+    assert generators({"replica_gpus": 1}, gpus=1) == 1
+    assert generators({"replica_gpus": 0.5}, gpus=1) == 2
+    assert generators({"replica_gpus": 1}, gpus=2, configured=3) == 3  # never fewer than the config's
+    assert generators({"replica_gpus": 1}, gpus=2, configured="auto") == "auto"  # autoscaling decides
+
+
 @pytest.mark.parametrize("api_key", [None, "k-1"])
 def test_serving_the_network_without_an_api_key_warns_and_a_named_redis_is_never_started(
     tmp_path, capsys, monkeypatch, api_key

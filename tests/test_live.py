@@ -157,6 +157,28 @@ def run_until(host: StreamingRuntime, sid: str, blocks: int, posts: dict[int, st
     return chunks
 
 
+def test_a_session_moved_twice_in_a_row_resumes_both_times(pipe):
+    """Its second host dies right after the restore, before the engine joined it: the checkpoint that
+    host wrote meanwhile (a replica saves a new session at once) still holds what a restore needs."""
+    from longlive_core.checkpoint import CheckpointError, SessionCheckpoint
+
+    def host() -> StreamingRuntime:
+        return StreamingRuntime(pipe, max_sessions=1, size=SIZE, playback_speed=0, checkpoints=True)
+
+    a = host()
+    a.open("s", RED, seed=4)
+    run_until(a, "s", 9, {}, read_upto=9)
+    b = host()
+    assert b.restore(a.checkpoint("s")) == 9
+    saved = b.checkpoint("s")  # before any step of b
+    assert sorted(saved.latents) == sorted(a.checkpoint("s").latents)
+    c = host()
+    with pytest.raises(CheckpointError, match="lacks the latents"):  # control: what was lost before
+        c.restore(SessionCheckpoint.from_parts(json.loads(saved.meta_json()), {}))
+    assert c.restore(saved) == 9
+    assert [chunk.block for chunk in run_until(c, "s", 10, {}, read_upto=10)] == [9]
+
+
 def test_a_restored_session_resumes_where_the_viewer_is_with_its_prompts(pipe):
     """Host A dies after 9 blocks, its viewer having read 7; host B restores the checkpoint (through its
     serialised form) and continues at block 7: the switch A made at block 8 is made again there, a prompt

@@ -13,6 +13,7 @@ import av
 import httpx
 import ray
 
+from deployments.gone_replicas import GONE_FOR_S, GoneReplicas
 from longlive_core.fmp4 import _boxes
 from longlive_core.schedule import blocks_for_seconds, video_frames
 from tests.service_fixture import auth, created, status
@@ -51,6 +52,17 @@ def kill_replica(replica_id: str) -> None:
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if replica_id in a["name"]]
     assert len(names) == 1, names
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+
+
+def test_a_replica_found_gone_stays_gone_for_a_while_then_counts_again():
+    now = [0.0]
+    gone = GoneReplicas(clock=lambda: now[0])
+    gone.report("r1")
+    now[0] = GONE_FOR_S / 2
+    gone.report("r2")
+    assert gone.recent() == {"r1", "r2"}
+    now[0] = GONE_FOR_S + 1  # r1's report is old: Serve has dropped or replaced it by now
+    assert gone.recent() == {"r2"}
 
 
 def test_a_killed_replica_s_session_goes_on_elsewhere_without_a_gap_or_a_lost_prompt(service):
