@@ -142,7 +142,8 @@ class LiveSession:
     blocks_made: int = 0  # blocks whose DiT step was launched (pacing)
     blocks_done: int = 0  # blocks decoded and delivered
     frames_done: int = 0
-    playback_start: float | None = None  # clock time of its first block
+    playback_start: float | None = None  # clock time of its first block (a restored one: here)
+    playback_origin: int = 0  # video frames made before that block (a restored session's history)
     dropped_blocks: int = 0  # blocks next_chunk's reader never got (they left the ring first)
     stalled_blocks: int = 0  # paced: delivered after its first frame was due on the viewer's screen
     waiting: list[int] = field(default_factory=list)  # timeline indices posted, not yet applied
@@ -889,7 +890,11 @@ class StreamingRuntime:
         if session.playback_start is None:
             return True
         played = (now - session.playback_start) * self.playback_speed
-        return video_frames(session.blocks_made * self.config.block_frames) / FPS < played + self.lead_seconds
+        return self._made_seconds(session) < played + self.lead_seconds
+
+    def _made_seconds(self, session: LiveSession) -> float:
+        """Video launched since its playback began (pacing)."""
+        return (video_frames(session.blocks_made * self.config.block_frames) - session.playback_origin) / FPS
 
     def _active(self) -> list[LiveSession]:
         return [s for s in self._sessions.values() if s.in_engine and not s.ended]
@@ -915,7 +920,7 @@ class StreamingRuntime:
         waits = []
         for s in self._active():
             if s.playback_start is not None and self.playback_speed and s.paced:
-                ahead = video_frames(s.blocks_made * self.config.block_frames) / FPS - self.lead_seconds
+                ahead = self._made_seconds(s) - self.lead_seconds
                 waits.append(s.playback_start + ahead / self.playback_speed - self.clock())
         return max(0.0, min(waits, default=3600.0))
 
@@ -1093,9 +1098,9 @@ class StreamingRuntime:
             if oldest >= self.window_blocks:  # the first blocks stay: the sink was made of them
                 s.kept.pop(oldest, None)
         if s.playback_start is None:
-            s.playback_start = now
+            s.playback_start, s.playback_origin = now, s.frames_done
         elif s.paced and self.playback_speed:
-            due = s.playback_start + s.frames_done / FPS / self.playback_speed
+            due = s.playback_start + (s.frames_done - s.playback_origin) / FPS / self.playback_speed
             if now > due:
                 s.stalled_blocks += 1
                 self.stalled_blocks += 1

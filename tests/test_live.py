@@ -98,6 +98,27 @@ def test_pacing_keeps_generation_just_ahead_of_playback(pipe):
     assert host.status("a")["blocks_done"] == 6
 
 
+def test_a_restored_session_is_paced_from_where_it_resumes(pipe):
+    """Its playback clock starts at its first block on the new host, at the frame it resumes at: it keeps
+    its lead from there (a clock counted from frame 0 froze it for as long as it had played)."""
+    a = StreamingRuntime(pipe, max_sessions=1, size=SIZE, playback_speed=0, checkpoints=True)
+    a.open("a", RED)
+    for _ in range(12):
+        a.run_once()
+    now = [0.0]
+    b = StreamingRuntime(
+        pipe, max_sessions=1, size=SIZE, lead_seconds=1.0, checkpoints=True, clock=lambda: now[0]
+    )
+    assert b.restore(a.checkpoint("a"), from_frame=a.status("a")["frames_done"]) == 12
+    for _ in range(50):
+        b.run_once(max_wait=0.01)
+    assert b.status("a")["blocks_done"] == 14  # 2 blocks = 24 frames = 1.5 s >= 1 s of lead
+    while now[0] < 3.0:  # 3 s played + 1 s lead = 64 frames -> 6 blocks (72 frames), none late
+        now[0] += 0.05
+        b.run_once(max_wait=0)
+    assert b.status("a")["blocks_done"] == 18 and b.stalled_blocks == 0
+
+
 def test_slow_client_loses_old_blocks_not_the_others_progress(pipe):
     host = StreamingRuntime(pipe, max_sessions=2, size=SIZE, playback_speed=0, buffer_blocks=2)
     host.open("slow", RED)
