@@ -149,6 +149,7 @@ class SessionStore:
         self._post = self.redis.register_script(_POST)
         self._create = self.redis.register_script(_CREATE)
         self._loads = self.redis.register_script(_LOADS)
+        self._end = self.redis.register_script(_END)
 
     async def create(self, session_id: str, token: str, seed: int, client: str = "-", quota: int = 1) -> None:
         """Record a new session of `client` (a digest: it goes into key names); raises TooManySessions
@@ -183,7 +184,7 @@ class SessionStore:
 
     async def mark_ended(self, session_id: str) -> None:
         """Ended by its client: no replica may restore it or write its checkpoint any more."""
-        await self.redis.eval(_END, *end_keys(session_id), session_id, ENDED_TTL_S)
+        await self._end(keys=end_keys(session_id), args=[session_id, ENDED_TTL_S])
 
     async def free_slots(self, now: float | None = None) -> dict[str, int]:
         """Free slots per live replica (heard from within REPLICA_TTL_S); dead replicas' entries go."""

@@ -75,7 +75,9 @@ def running_service(directory: Path):
         redis_url = redis.url
         for name, value in CREDENTIALS.items():
             env.setenv(name, value)  # before ray.init: the replicas inherit them
-        env.setenv(FORWARDED_ALLOW_IPS, ServiceConfig(trust_forwarded_for=True).forwarded_allow_ips)  # the proxy
+        env.setenv(
+            FORWARDED_ALLOW_IPS, ServiceConfig(trust_forwarded_for=True).forwarded_allow_ips
+        )  # the proxy
         s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         s3.start()
         s3_endpoint = "http://{}:{}".format(*s3.get_host_and_port())
