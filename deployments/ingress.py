@@ -5,6 +5,7 @@ Ids are checked against their format before they touch Redis (a malformed one is
 refusal is a problem body with a `code` (deployments/problems.py)."""
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -238,14 +239,13 @@ class Ingress:
             except ReplicaFull:
                 await self.store.delete(session_id)
                 await asyncio.sleep(ADMISSION_BACKOFF_S)
+            except Exception:
+                with contextlib.suppress(RedisError):  # ended: it holds none of its client's quota
+                    await self.store.mark_ended(session_id)
+                raise
         else:
             self.metrics.error("ingress", "capacity")
-            raise ApiError(
-                503,
-                "at_capacity",
-                "every replica is at capacity",
-                {"Retry-After": str(self.config.retry_after_s)},
-            )
+            raise self._busy(503, "at_capacity", "every replica is at capacity")
         base = str(request.base_url).rstrip("/")
         return SessionCreated(
             session_id=session_id,
