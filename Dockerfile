@@ -6,9 +6,12 @@
 FROM rayproject/ray:2.60.0-py311-gpu
 
 ARG TORCH_VERSION=2.13.0
+# FORWARDED_ALLOW_IPS: uvicorn in Ray's proxy believes no peer's X-Forwarded-For, as trust_forwarded_for:
+# false wants (with trust_forwarded_for: true behind your own proxy, set it to "*" in the pod's env).
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    HF_HOME=/models/hf
+    HF_HOME=/models/hf \
+    FORWARDED_ALLOW_IPS=""
 
 WORKDIR /home/ray/longlive
 COPY --chown=ray:users pyproject.toml README.md ./

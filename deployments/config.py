@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+FORWARDED_ALLOW_IPS = "FORWARDED_ALLOW_IPS"  # uvicorn's env: the peers whose X-Forwarded-For it believes
+
 
 class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelled setting is an error, not a default
@@ -64,8 +66,20 @@ class ServiceConfig(BaseModel):
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
     rate_limit_per_minute: int = Field(600, ge=0, description="requests per client per minute; 0: off")
     trust_forwarded_for: bool = Field(
-        False, description="key the rate limit by X-Forwarded-For's first entry"
+        False,
+        description="key the rate limit and quotas by X-Forwarded-For's first entry (behind a proxy you "
+        "run); the Ray proxy's FORWARDED_ALLOW_IPS must match (forwarded_allow_ips)",
     )
+    # Quotas per client (its API key when keys are configured, else its address) and of the whole queue.
+    max_sessions_per_client: int = Field(2, ge=1, description="open sessions of one client; more get 429")
+    max_queued_jobs_per_client: int = Field(10, ge=1, description="queued jobs of one client; more get 429")
+    max_queued_jobs: int = Field(1000, ge=1, description="jobs waiting for a worker; more get 503")
+
+    @property
+    def forwarded_allow_ips(self) -> str:
+        """What uvicorn in Ray's proxy must be started with (env FORWARDED_ALLOW_IPS): it rewrites the
+        peer's address from X-Forwarded-For for these peers, before the guard sees it."""
+        return "*" if self.trust_forwarded_for else ""
 
     def limit_errors(self, prompts: list[str], seconds: float | None, kind: str = "session") -> list[dict]:
         """A body against the operator's limits (tighter than the schemas' hard caps): errors in the
@@ -86,9 +100,15 @@ class ServiceConfig(BaseModel):
 
     def job_queue(self, timeout_s: float = 15.0):
         """The job queue; the ingress passes its redis_timeout_s (a worker may wait longer)."""
-        from jobs.queue import JobQueue
+        from jobs.queue import JobQueue, QueueLimits
 
-        return JobQueue(self.redis_url, self.job_max_attempts, self.job_stale_after_s, timeout_s)
+        return JobQueue(
+            self.redis_url,
+            self.job_max_attempts,
+            self.job_stale_after_s,
+            timeout_s,
+            QueueLimits(self.max_queued_jobs, self.max_queued_jobs_per_client),
+        )
 
     def video_store(self):
         from jobs.storage import LocalStore, S3Store

@@ -320,6 +320,7 @@ class Generator:
                     next_sample = time.monotonic() + SAMPLE_PERIOD_S
                     self._guarded(self._record_metrics, self._metrics_bug)
                     self._publish_info()
+                    self._publish_free_slots()  # also the heartbeat that keeps its load entry
                 self._sync(saved)
                 if self.host.load != published:  # admission reads it: keep it current
                     self._publish_free_slots()

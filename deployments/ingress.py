@@ -5,7 +5,9 @@ Ids are checked against their format before they touch Redis (a malformed one is
 refusal is a problem body with a `code` (deployments/problems.py)."""
 
 import asyncio
+import contextlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -17,12 +19,12 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from ray.serve.handle import DeploymentHandle
 from redis.exceptions import RedisError
 
-from jobs.queue import valid_job_id
+from jobs.queue import ClientQueueFull, KeyReused, QueueFull, valid_job_id
 from jobs.schemas import JobCancelled, JobCreated, JobStatus, SubmitJob
 from jobs.storage import LocalStore
 from longlive_core.schedule import frames_total
 
-from .config import ServiceConfig
+from .config import FORWARDED_ALLOW_IPS, ServiceConfig
 from .errors import FramesGone, ReplicaFull, SessionMoved, SessionNotHere, TooManyStreams
 from .gone_replicas import GONE
 from .metrics import log, metrics
@@ -37,8 +39,17 @@ from .schemas import (
     SessionCreated,
     SessionStatus,
 )
-from .security import install
-from .store import SessionEnded, SessionStore, UnknownSession, new_id, token_digest, token_matches, valid_id
+from .security import client_digest, install
+from .store import (
+    SessionEnded,
+    SessionStore,
+    TooManySessions,
+    UnknownSession,
+    new_id,
+    token_digest,
+    token_matches,
+    valid_id,
+)
 from .webpage import web_file
 
 app = FastAPI(title="longlive", description="Real-time interactive long text-to-video (LongLive)")
@@ -69,6 +80,24 @@ class Ingress:
         self.store = SessionStore(self.config.redis_url, self.config.redis_timeout_s)
         self.jobs = self.config.job_queue(self.config.redis_timeout_s)
         self.videos = self.config.video_store()
+        # uvicorn in Ray's proxy rewrites the peer from X-Forwarded-For for the peers this env names
+        # (127.0.0.1 and ::1 unless set): only the Ray start can set it (`longlive serve` does).
+        proxy_trusts = os.environ.get(FORWARDED_ALLOW_IPS, "127.0.0.1,::1")
+        if proxy_trusts != self.config.forwarded_allow_ips:
+            logger.warning(
+                "Ray's proxy trusts X-Forwarded-For from %r; start Ray with %s=%r to match "
+                "trust_forwarded_for (meanwhile such requests count as one client)",
+                proxy_trusts,
+                FORWARDED_ALLOW_IPS,
+                self.config.forwarded_allow_ips,
+            )
+
+    def _client(self, request: Request) -> str:
+        """The quotas' and idempotency keys' client (security.Guard.client), as a digest for key names."""
+        return client_digest(guard.client(request.scope))
+
+    def _busy(self, status: int, code: str, detail: str) -> ApiError:
+        return ApiError(status, code, detail, {"Retry-After": str(self.config.retry_after_s)})
 
     def _check_limits(self, prompts: list[str], seconds: float | None = None, kind: str = "session") -> None:
         if errors := self.config.limit_errors(prompts, seconds, kind):
@@ -210,9 +239,15 @@ class Ingress:
         self._check_limits([body.prompt], body.max_seconds)
         # The router sends a new session to the least-loaded replica; if that one filled up meanwhile,
         # try again under a fresh id (the router then sees the updated loads).
+        client, quota = self._client(request), self.config.max_sessions_per_client
         for _ in range(ADMISSION_ATTEMPTS):
             session_id, token = new_id(), secrets.token_urlsafe(24)
-            await self.store.create(session_id, token, body.seed)
+            try:
+                await self.store.create(session_id, token, body.seed, client, quota)
+            except TooManySessions:
+                raise self._busy(
+                    429, "client_sessions", f"this client has its {quota} sessions open: end one first"
+                ) from None
             try:
                 result = await self._session(session_id).create.remote(
                     session_id, body.prompt, body.seed, body.max_seconds
@@ -221,14 +256,13 @@ class Ingress:
             except ReplicaFull:
                 await self.store.delete(session_id)
                 await asyncio.sleep(ADMISSION_BACKOFF_S)
+            except Exception:
+                with contextlib.suppress(RedisError):  # ended: it holds none of its client's quota
+                    await self.store.mark_ended(session_id)
+                raise
         else:
             self.metrics.error("ingress", "capacity")
-            raise ApiError(
-                503,
-                "at_capacity",
-                "every replica is at capacity",
-                {"Retry-After": str(self.config.retry_after_s)},
-            )
+            raise self._busy(503, "at_capacity", "every replica is at capacity")
         base = str(request.base_url).rstrip("/")
         return SessionCreated(
             session_id=session_id,
@@ -320,12 +354,22 @@ class Ingress:
 
     # -- jobs --------------------------------------------------------------------------------------
     @app.post("/v1/jobs", status_code=201, response_model=JobCreated, responses=ERRORS)
-    async def submit_job(self, body: SubmitJob) -> JobCreated:
+    async def submit_job(self, body: SubmitJob, request: Request) -> JobCreated:
         self._check_limits([e.prompt for e in body.schedule], body.seconds, "job")
         token = secrets.token_urlsafe(24)
-        job_id, duplicate = await asyncio.to_thread(
-            self.jobs.submit, body, frames_total(body.seconds), token_digest(token)
-        )
+        try:
+            job_id, duplicate = await asyncio.to_thread(
+                self.jobs.submit, body, frames_total(body.seconds), token_digest(token), self._client(request)
+            )
+        except QueueFull:
+            raise self._busy(503, "job_queue_full", "the job queue is full") from None
+        except ClientQueueFull:
+            limit = self.config.max_queued_jobs_per_client
+            raise self._busy(429, "client_jobs", f"this client has its {limit} jobs queued") from None
+        except KeyReused:
+            raise ApiError(
+                422, "idempotency_key_reused", "this idempotency key was used with another body"
+            ) from None
         return JobCreated(job_id=job_id, token=None if duplicate else token, duplicate=duplicate)
 
     async def _job(self, job_id: str, token: str | None) -> dict:

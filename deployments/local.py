@@ -20,6 +20,7 @@ import yaml
 
 from jobs.redis_client import PASSWORD_ENV
 
+from .config import FORWARDED_ALLOW_IPS, ServiceConfig
 from .local_redis import PrivateRedis, redis_answers
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -147,6 +148,10 @@ def serve_forever(
             # Through the environment (which the local Ray's workers inherit), not the args: Serve logs those.
             os.environ[PASSWORD_ENV] = private.password
         print(f"longlive: data folder {data_dir}", flush=True)
+        # uvicorn in Ray's proxy believes X-Forwarded-For only from the peers this env names (its workers
+        # inherit it): none unless the config trusts the header (ServiceConfig.forwarded_allow_ips).
+        trusted = any(app["args"].get("trust_forwarded_for") for app in config["applications"])
+        os.environ[FORWARDED_ALLOW_IPS] = ServiceConfig(trust_forwarded_for=trusted).forwarded_allow_ips
         # Our own Ray unless told to join one ("local" ignores RAY_ADDRESS and any `ray start` cluster).
         # Ray 2.60 binds its own gRPC ports on every interface and turns a loopback node address into the
         # machine's, so they cannot be kept on loopback from here.

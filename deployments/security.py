@@ -1,7 +1,8 @@
 """The ingress's guard against bad input and unauthorised use (installed on the FastAPI app by `install`).
 
 One pure ASGI middleware, for HTTP and WebSocket alike, checks in this order:
-1. rate limit per client (fixed 1-minute window counted in Redis, shared by all ingress replicas) -> 429;
+1. rate limit per client (a moving 1-minute window in Redis, the `limits` library's: shared by all ingress
+   replicas, and no burst of twice the limit across a window's edge) -> 429;
 2. the service-wide API key (`X-API-Key`, when any key is configured; a WebSocket may give it as `?api_key=`,
    browsers cannot send its headers) -> 401 (WebSocket: close 4401); the web page's files need none;
 3. the request body's size (Content-Length, and the bytes actually streamed) -> 413;
@@ -31,9 +32,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.websockets import WebSocket
+from limits import RateLimitItem, RateLimitItemPerSecond
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jobs.redis_client import async_client
+from jobs.redis_client import async_options
 from jobs.repeats import Repeats
 
 from .config import ServiceConfig
@@ -48,8 +52,9 @@ logger = logging.getLogger("longlive.security")
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/openapi.json", "/"})  # no API key needed
 PUBLIC_PREFIXES = ("/web/",)  # the web page's assets (it holds no secret; it sends the key typed into it)
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz"})  # probes: not rate limited, answer with Redis down
-RATE_KEY = "ratelimit:{}:{}"  # client, window (unix minute)
+RATE_PREFIX = "ratelimit"  # the limiter's keys: ratelimit:LIMITER/{client digest}/{limit}/{window}/second
 WINDOW_S = 60
+FORWARDED = "forwarded"  # the one client of requests whose address a proxy took from X-Forwarded-For
 API_KEYS_ENV = "LONGLIVE_API_KEYS"
 STORAGE_DOWN = "storage unavailable, retry later"
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)  # redis.asyncio's too
@@ -67,8 +72,18 @@ def api_key_digests(configured: list[str]) -> list[str]:
     return [k[len("sha256:") :].lower() if k.startswith("sha256:") else key_digest(k) for k in keys]
 
 
-def rate_key(client: str, now: float) -> str:
-    return RATE_KEY.format(client, int(now // WINDOW_S))
+def client_digest(client: str) -> str:
+    """The client as it goes into Redis key names (quotas, idempotency keys, the rate limit)."""
+    return hashlib.sha256(client.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def rate_item(limit: int, window_s: int = WINDOW_S) -> RateLimitItem:
+    return RateLimitItemPerSecond(limit, window_s)
+
+
+def rate_key(client: str, limit: int, window_s: int = WINDOW_S) -> str:
+    """The Redis list of a client's admitted requests' times (newest first, at most `limit`)."""
+    return f"{RATE_PREFIX}:{rate_item(limit, window_s).key_for(client_digest(client))}"
 
 
 def request_id(scope: Scope) -> str:
@@ -100,18 +115,24 @@ def public(path: str) -> bool:
 class Guard:
     """The checks' settings and Redis client; `configure` is called by the Ingress's constructor."""
 
+    window_s = WINDOW_S  # rate_limit_per_minute's window (tests shorten it)
+
     def __init__(self) -> None:
         self.config: ServiceConfig | None = None
         self.digests: list[str] = []
-        self.redis = None
+        self.limiter: MovingWindowRateLimiter | None = None
         self.storage = Repeats(logger, "Redis unavailable")  # one line per outage, not one per request
 
     def configure(self, config: ServiceConfig) -> None:
         self.digests = api_key_digests(config.api_keys)
-        # The one command re-sent without being idempotent: INCR of a rate counter. A re-send after a lost
-        # reply counts a request twice in its minute, which costs the client one request of its budget;
-        # not re-sending turns the first request after every Redis restart into a 503.
-        self.redis = async_client(config.redis_url, config.redis_timeout_s)
+        # A re-send of the limiter's one Lua step after a lost reply counts a request twice in its window,
+        # which costs the client one request of its budget; not re-sending turns the first request after
+        # every Redis restart into a 503. Errors are not wrapped: Redis away is the usual 503.
+        options = async_options(config.redis_url, config.redis_timeout_s)
+        storage = RedisStorage(
+            f"async+{config.redis_url}", implementation="redispy", key_prefix=RATE_PREFIX, **options
+        )
+        self.limiter = MovingWindowRateLimiter(storage)
         self.config = config
 
     @property
@@ -119,19 +140,33 @@ class Guard:
         return str(self.config.retry_after_s if self.config else 5)
 
     def client(self, scope: Scope) -> str:
-        if self.config.trust_forwarded_for:
-            forwarded = header(scope, b"x-forwarded-for")
-            if forwarded and forwarded.split(",")[0].strip():
-                return forwarded.split(",")[0].strip()[:64]
+        """Whom the rate limit and the quotas count: the API key (its digest) when keys are configured and
+        it is one of them (a wrong key is no new client: its address is), else the address."""
+        if self.digests and self.key_ok(scope):
+            return f"key:{key_digest(self.given_key(scope))}"
+        return self.address(scope)
+
+    def address(self, scope: Scope) -> str:
+        """The TCP peer; X-Forwarded-For's first entry only with trust_forwarded_for. A uvicorn started
+        without FORWARDED_ALLOW_IPS (Ray's proxy on a Ray we did not start) has already put a loopback
+        peer's X-Forwarded-For entry in its place: such requests are one client, not one per header."""
+        forwarded = [h.strip() for h in (header(scope, b"x-forwarded-for") or "").split(",") if h.strip()]
+        if self.config.trust_forwarded_for and forwarded:
+            return forwarded[0][:64]
         client = scope.get("client")
-        return client[0] if client else "unknown"
+        peer = client[0] if client else "unknown"
+        return FORWARDED if peer in forwarded else peer
+
+    def given_key(self, scope: Scope) -> str | None:
+        given = header(scope, b"x-api-key")
+        if given is None and scope["type"] == "websocket":
+            given = query_param(scope, "api_key")  # a browser cannot send headers on a WebSocket
+        return given
 
     def key_ok(self, scope: Scope) -> bool:
         if not self.digests:
             return True
-        given = header(scope, b"x-api-key")
-        if given is None and scope["type"] == "websocket":
-            given = query_param(scope, "api_key")  # a browser cannot send headers on a WebSocket
+        given = self.given_key(scope)
         digest = key_digest(given) if given else ""
         found = False
         for expected in self.digests:  # no early exit: the time does not tell which key matched
@@ -139,17 +174,16 @@ class Guard:
         return found
 
     async def over_limit(self, scope: Scope) -> int | None:
-        """Counts this request; returns Retry-After seconds when the client is over its limit."""
+        """Counts this request; returns Retry-After seconds when the client is over its limit: until the
+        oldest request of the last window leaves it."""
         limit = self.config.rate_limit_per_minute
         if limit == 0 or scope["path"] in UNLIMITED_PATHS:
             return None
-        now = time.time()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            key = rate_key(self.client(scope), now)
-            count, _ = await pipe.incr(key).expire(key, 2 * WINDOW_S).execute()
-        if count <= limit:
+        item, client = rate_item(limit, self.window_s), client_digest(self.client(scope))
+        if await self.limiter.hit(item, client):
             return None
-        return max(1, math.ceil(WINDOW_S - now % WINDOW_S))
+        stats = await self.limiter.get_window_stats(item, client)
+        return max(1, math.ceil(stats.reset_time - time.time()))
 
 
 class GuardMiddleware:

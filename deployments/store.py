@@ -17,21 +17,25 @@ import time
 
 from jobs.redis_client import async_client, sync_client
 
-SESSION = "session:{}"  # hash: token_sha256, replica, seed, created_at, ended
+SESSION = "session:{}"  # hash: token_sha256, replica, seed, created_at, client, ended
 EVENTS = "session:{}:events"  # stream of {"type": "prompt", "prompt": ...}
+SESSIONS_OF = "client:{}:sessions"  # set: a client's open sessions (its quota; the name is also in _END)
 POSTED = "session:{}:post:{}"  # a prompt post's id -> its event id, while a retry may come (POST_TTL_S)
 POST_TTL_S = 300
 CHECKPOINT = "session:{}:checkpoint"  # hash: meta (JSON), block:{n} (latents); see checkpoints.py
 LOAD = "replica_load"  # hash: replica id -> free session slots (capacity - live sessions)
+LOAD_SEEN = "replica_load:seen"  # sorted set: replica id -> when it last published (its heartbeat)
 REPLICA = "replica:{}"  # hash: a replica's info for the admin view (load, sessions, fps); short TTL
-REPLICA_TTL_S = 15
+REPLICA_TTL_S = 15  # a replica silent this long is gone: its info expires, its load entry is dropped
 EVENTS_MAXLEN = 1000
 QUEUE_COUNT_LIMIT = 10_000  # jobs_queued on Redis < 7 counts at most this many
 SESSION_TTL_S = 24 * 3600
+ENDED_TTL_S = 3600  # an ended session's record and events stay answerable (status, 409) so long
 ID_FORMAT = re.compile(r"[A-Za-z0-9_-]{22}")  # what secrets.token_urlsafe(16) makes
 # A prompt event is written only for a session that exists and has not ended, in one step: a session
 # ended meanwhile gets no event. Its post's id (KEYS[3], a key for a few minutes) makes it safe to send
 # again: a second send (redis-py's retry after a lost reply) returns the first's event instead of a copy.
+# The stream expires with the record at the latest (a session whose replicas all died is never ended).
 _POST = """
 local done = redis.call('GET', KEYS[3])
 if done then return {'posted', done} end
@@ -39,13 +43,64 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 if redis.call('HEXISTS', KEYS[1], 'ended') == 1 then return {'ended'} end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'type', 'prompt', 'prompt', ARGV[2],
   'posted_at', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
 return {'posted', id}
 """
-# Marks an existing record only: a session deleted or expired meanwhile is not brought back.
+# A new session, unless its client (KEYS[2], the set of its open sessions) has its quota (ARGV[1]) open
+# already; members whose session has ended or expired are dropped first. Sent again, it finds itself.
+_CREATE = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[1]) then
+  for _, sid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    local key = 'session:' .. sid
+    if redis.call('EXISTS', key) == 0 or redis.call('HEXISTS', key, 'ended') == 1 then
+      redis.call('SREM', KEYS[2], sid)
+    end
+  end
+  if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+# Marks an existing record only: a session deleted or expired meanwhile is not brought back. Its client's
+# quota slot is given back, and its record and events expire (ARGV[2]) instead of staying for a day.
 _END = """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'ended', 1) end
+local client = redis.call('HGET', KEYS[1], 'client')
+if client then redis.call('SREM', 'client:' .. client .. ':sessions', ARGV[1]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'ended', 1)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+redis.call('EXPIRE', KEYS[3], ARGV[2])
 redis.call('DEL', KEYS[2])
+"""
+# A session that never ran (its replica was full): gone, and its quota slot with it.
+_FORGET = """
+local client = redis.call('HGET', KEYS[1], 'client')
+if client then redis.call('SREM', 'client:' .. client .. ':sessions', ARGV[1]) end
+redis.call('DEL', KEYS[1], KEYS[2])
+"""
+# Free slots of the replicas heard from since ARGV[1]; the others' entries are removed (a dead replica
+# publishes nothing more).
+_LOADS = """
+local live = {}
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], '+inf')) do live[rid] = true end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1])
+local loads = redis.call('HGETALL', KEYS[1])
+local kept = {}
+for i = 1, #loads, 2 do
+  if live[loads[i]] then
+    kept[#kept + 1] = loads[i]
+    kept[#kept + 1] = loads[i + 1]
+  else
+    redis.call('HDEL', KEYS[1], loads[i])
+  end
+end
+return kept
 """
 _MOVE = """
 if redis.call('HGET', KEYS[1], 'replica') == ARGV[1] then redis.call('HSET', KEYS[1], 'replica', ARGV[2]) end
@@ -69,6 +124,15 @@ class UnknownSession(Exception):
     """No record of the session (never created, or expired)."""
 
 
+class TooManySessions(Exception):
+    """The client has as many sessions open as its quota allows."""
+
+
+def end_keys(session_id: str) -> list[str]:
+    """_END's keys: the record, the checkpoint (deleted), the events (expire)."""
+    return [SESSION.format(session_id), CHECKPOINT.format(session_id), EVENTS.format(session_id)]
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -83,12 +147,23 @@ class SessionStore:
     def __init__(self, redis_url: str, timeout_s: float = 0.5):
         self.redis = async_client(redis_url, timeout_s)
         self._post = self.redis.register_script(_POST)
+        self._create = self.redis.register_script(_CREATE)
+        self._loads = self.redis.register_script(_LOADS)
+        self._end = self.redis.register_script(_END)
 
-    async def create(self, session_id: str, token: str, seed: int) -> None:
-        key = SESSION.format(session_id)
-        record = {"token_sha256": token_digest(token), "seed": seed, "created_at": time.time()}
-        await self.redis.hset(key, mapping=record)
-        await self.redis.expire(key, SESSION_TTL_S)
+    async def create(self, session_id: str, token: str, seed: int, client: str = "-", quota: int = 1) -> None:
+        """Record a new session of `client` (a digest: it goes into key names); raises TooManySessions
+        (nothing written) when the client has `quota` sessions open."""
+        record = {
+            "token_sha256": token_digest(token),
+            "seed": seed,
+            "created_at": time.time(),
+            "client": client,
+        }
+        fields = [item for pair in record.items() for item in pair]
+        keys = [SESSION.format(session_id), SESSIONS_OF.format(client)]
+        if not await self._create(keys=keys, args=[quota, session_id, SESSION_TTL_S, *fields]):
+            raise TooManySessions(client)
 
     async def get(self, session_id: str) -> dict | None:
         record = await self.redis.hgetall(SESSION.format(session_id))
@@ -109,15 +184,19 @@ class SessionStore:
 
     async def mark_ended(self, session_id: str) -> None:
         """Ended by its client: no replica may restore it or write its checkpoint any more."""
-        await self.redis.eval(_END, 2, SESSION.format(session_id), CHECKPOINT.format(session_id))
+        await self._end(keys=end_keys(session_id), args=[session_id, ENDED_TTL_S])
 
-    async def free_slots(self) -> dict[str, int]:
-        return {k: int(v) for k, v in (await self.redis.hgetall(LOAD)).items()}
+    async def free_slots(self, now: float | None = None) -> dict[str, int]:
+        """Free slots per live replica (heard from within REPLICA_TTL_S); dead replicas' entries go."""
+        since = (time.time() if now is None else now) - REPLICA_TTL_S
+        loads = await self._loads(keys=[LOAD, LOAD_SEEN], args=[since])
+        return {loads[i]: int(loads[i + 1]) for i in range(0, len(loads), 2)}
 
     async def post_prompt(self, session_id: str, prompt: str) -> str:
         """Append a prompt event; returns its id. Raises UnknownSession, SessionEnded (nothing written)."""
         keys = [SESSION.format(session_id), EVENTS.format(session_id), POSTED.format(session_id, new_id())]
-        result = await self._post(keys=keys, args=[EVENTS_MAXLEN, prompt, repr(time.time()), POST_TTL_S])
+        args = [EVENTS_MAXLEN, prompt, repr(time.time()), POST_TTL_S, SESSION_TTL_S]
+        result = await self._post(keys=keys, args=args)
         if result[0] == "unknown":
             raise UnknownSession(session_id)
         if result[0] == "ended":
@@ -125,7 +204,8 @@ class SessionStore:
         return result[1]
 
     async def delete(self, session_id: str) -> None:
-        await self.redis.delete(SESSION.format(session_id), EVENTS.format(session_id))
+        """Forget a session that never ran (its replica was full)."""
+        await self.redis.eval(_FORGET, 2, SESSION.format(session_id), EVENTS.format(session_id), session_id)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
@@ -170,10 +250,14 @@ class ReplicaEvents:
 
     def mark_ended(self, session_id: str) -> None:
         """Ended here on its own (max_seconds, idle, failed): the ingress refuses its prompts from now on."""
-        self._end(keys=[SESSION.format(session_id), CHECKPOINT.format(session_id)])
+        self._end(keys=end_keys(session_id), args=[session_id, ENDED_TTL_S])
 
     def set_free_slots(self, slots: int) -> None:
-        self.redis.hset(LOAD, self.replica_id, slots)
+        """Also the replica's heartbeat in LOAD_SEEN: readers drop the entries of replicas gone silent."""
+        pipe = self.redis.pipeline()
+        pipe.hset(LOAD, self.replica_id, slots)
+        pipe.zadd(LOAD_SEEN, {self.replica_id: time.time()})
+        pipe.execute()
 
     def publish_info(self, info: dict) -> None:
         """The replica's info for the admin view; it expires REPLICA_TTL_S after the replica goes."""

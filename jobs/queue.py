@@ -4,7 +4,12 @@
 keeps a long job claimed by XCLAIM ... JUSTID (its heartbeat); a dead worker's entry idles until
 another worker takes it over with XAUTOCLAIM and redoes the job. The job's record (`job:{id}`) counts
 attempts: past `max_attempts` the job goes to the dead-letter stream `jobs:dead` with its last error.
-An idempotency key maps to the first job submitted under it (`job:key:{key}`, SET NX).
+An idempotency key belongs to its client: it maps to the first job that client submitted under it and
+that body's digest (`job:key:{client}:{key}`); the same key with another body is refused.
+Admission counts the jobs no worker has claimed yet, in all (`jobs:queued`) and per client
+(`jobs:queued:{client}`), in the submit's Lua step; a job leaves the count once (its record's `queued`
+flag) when it is claimed, cancelled or ends. The stream is trimmed (MAXLEN ~) well above the admission
+bound, so only entries long consumed are dropped.
 
 Every call may raise `UNREACHABLE` while Redis is away (down, restarting, loading its append-only file):
 the worker retries those (jobs/worker.py) instead of failing the job. Socket timeouts bound how long a
@@ -21,6 +26,7 @@ and removes what it made. Once a job has ended its record takes no more writes f
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import time
@@ -33,33 +39,78 @@ from .schemas import SubmitJob
 
 STREAM, GROUP, DEAD = "jobs", "workers", "jobs:dead"
 JOB = "job:{}"
-KEY = "job:key:{}"
+KEY = "job:key:{}:{}"  # client digest, idempotency key -> hash: job_id, body (its digest)
+QUEUED = "jobs:queued"  # jobs not yet claimed (the admission count)
+QUEUED_BY = "jobs:queued:{}"  # the same per client digest (its name is also built in _UPDATE)
+STREAM_SLACK = 10_000  # stream entries kept beyond the queued bound: running, pending, cancelled ones
 RECORD_TTL_S = 7 * 24 * 3600
 ENDED = ("done", "failed", "cancelled")
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError is a ConnectionError
 ID_FORMAT = re.compile(r"[A-Za-z0-9_-]{22}")  # what secrets.token_urlsafe(16) makes
 # Submit: the job's record and its queue entry, once even when sent again (a lost reply, redis-py's
-# retry), unless its idempotency key (KEYS[2], "" for none) names an earlier job: returns the job's id.
+# retry: the record exists then). An idempotency key (KEYS[2], "" for none) that names an earlier job
+# answers it, or 'reused' for another body; then the admission bounds, all queued jobs (ARGV[4]) and the
+# client's (ARGV[5]). Returns {outcome, job id}.
 _SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'queued', ARGV[1]} end
 if KEYS[2] ~= '' then
-  local first = redis.call('GET', KEYS[2])
-  if first and first ~= ARGV[1] then return first end
-  redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+  local first = redis.call('HMGET', KEYS[2], 'job_id', 'body')
+  if first[1] then
+    if first[2] ~= ARGV[3] then return {'reused', first[1]} end
+    return {'duplicate', first[1]}
+  end
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then return ARGV[1] end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+if tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(ARGV[4]) then return {'queue_full', ''} end
+if tonumber(redis.call('GET', KEYS[5]) or '0') >= tonumber(ARGV[5]) then return {'client_full', ''} end
+if KEYS[2] ~= '' then
+  redis.call('HSET', KEYS[2], 'job_id', ARGV[1], 'body', ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1])
-return ARGV[1]
+redis.call('INCR', KEYS[4])
+redis.call('INCR', KEYS[5])
+redis.call('EXPIRE', KEYS[5], ARGV[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'job_id', ARGV[1])
+return {'queued', ARGV[1]}
 """
 # A job's record changes only while it has not ended: a cancel wins over a worker's late write (its
-# heartbeat, a release, a "done"). Returns whether it wrote.
+# heartbeat, a release, a "done"). A write that takes the job out of "queued" (a claim, a cancel, an
+# end) takes it out of the admission counts, once. Returns whether it wrote.
 _UPDATE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or state == 'done' or state == 'failed' or state == 'cancelled' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' and redis.call('HDEL', KEYS[1], 'queued') == 1 then
+  redis.call('DECR', KEYS[2])
+  local by_client = 'jobs:queued:' .. (redis.call('HGET', KEYS[1], 'client') or '')
+  if redis.call('DECR', by_client) <= 0 then redis.call('DEL', by_client) end
+end
 return 1
 """
+
+
+class QueueFull(Exception):
+    """As many jobs are queued as the service takes (max_queued_jobs)."""
+
+
+class ClientQueueFull(Exception):
+    """The client has as many jobs queued as it may (max_queued_jobs_per_client)."""
+
+
+class KeyReused(Exception):
+    """The idempotency key names the client's earlier job, submitted with another body."""
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    queued: int = 1000  # jobs not yet claimed, all clients together
+    queued_per_client: int = 10
+
+
+def body_digest(request: SubmitJob) -> str:
+    """The canonical body (pydantic's JSON of the validated request) that an idempotency key is bound to."""
+    return hashlib.sha256(request.model_dump_json().encode()).hexdigest()
 
 
 def valid_job_id(value: str) -> bool:
@@ -77,7 +128,12 @@ class Claimed:
 
 class JobQueue:
     def __init__(
-        self, redis_url: str, max_attempts: int = 3, stale_after_s: float = 60.0, timeout_s: float = 15.0
+        self,
+        redis_url: str,
+        max_attempts: int = 3,
+        stale_after_s: float = 60.0,
+        timeout_s: float = 15.0,
+        limits: QueueLimits = QueueLimits(),  # noqa: B008 - frozen: one shared default is fine
     ):
         self.redis = sync_client(redis_url, timeout_s)
         self.once = sync_client(
@@ -86,6 +142,7 @@ class JobQueue:
         self._update = self.redis.register_script(_UPDATE)
         self._submit = self.redis.register_script(_SUBMIT)
         self.max_attempts = max_attempts
+        self.limits = limits
         self.stale_after_ms = int(stale_after_s * 1000)
         try:
             self.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
@@ -94,12 +151,18 @@ class JobQueue:
                 raise
 
     # -- clients -----------------------------------------------------------------------------------
-    def submit(self, request: SubmitJob, frames_total: int, token_sha256: str = "") -> tuple[str, bool]:
-        """Queue a job; returns (job id, duplicate). A known idempotency key returns its first job."""
+    def submit(
+        self, request: SubmitJob, frames_total: int, token_sha256: str = "", client: str = "-"
+    ) -> tuple[str, bool]:
+        """Queue a job for `client` (a digest: it goes into key names); returns (job id, duplicate). The
+        client's known idempotency key returns its first job. Raises QueueFull, ClientQueueFull, KeyReused
+        (nothing written)."""
         job_id = secrets.token_urlsafe(16)
         record = {
             "request": request.model_dump_json(),
             "state": "queued",
+            "queued": 1,
+            "client": client,
             "frames_done": 0,
             "frames_total": frames_total,
             "fps": 0.0,
@@ -107,10 +170,20 @@ class JobQueue:
             "submitted_at": time.time(),
             "token_sha256": token_sha256,
         }
-        key = KEY.format(request.idempotency_key) if request.idempotency_key is not None else ""
+        key = KEY.format(client, request.idempotency_key) if request.idempotency_key is not None else ""
         fields = [item for pair in record.items() for item in pair]
-        first = self._submit(keys=[JOB.format(job_id), key, STREAM], args=[job_id, RECORD_TTL_S, *fields])
-        return first, first != job_id
+        limits = [self.limits.queued, self.limits.queued_per_client, self.limits.queued + STREAM_SLACK]
+        outcome, first = self._submit(
+            keys=[JOB.format(job_id), key, STREAM, QUEUED, QUEUED_BY.format(client)],
+            args=[job_id, RECORD_TTL_S, body_digest(request), *limits, *fields],
+        )
+        if outcome == "queue_full":
+            raise QueueFull()
+        if outcome == "client_full":
+            raise ClientQueueFull()
+        if outcome == "reused":
+            raise KeyReused(first)
+        return first, outcome == "duplicate"
 
     def get(self, job_id: str) -> dict | None:
         return self.redis.hgetall(JOB.format(job_id)) or None
@@ -118,7 +191,7 @@ class JobQueue:
     def update(self, job_id: str, **fields: str | int | float) -> bool:
         """Write fields of a job that has not ended; False (nothing written) once it has."""
         args = [item for pair in fields.items() for item in pair]
-        return bool(self._update(keys=[JOB.format(job_id)], args=args))
+        return bool(self._update(keys=[JOB.format(job_id), QUEUED], args=args))
 
     def cancel(self, job_id: str) -> bool:
         """Cancel the job now (its worker, if any, stops at its next block); False if it had ended."""

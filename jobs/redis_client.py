@@ -54,13 +54,16 @@ def sync_client(url: str, timeout_s: float, idempotent: bool = True, decode: boo
     )
 
 
-def async_client(url: str, timeout_s: float, idempotent: bool = True) -> aioredis.Redis:
-    return aioredis.from_url(
-        url,
-        decode_responses=True,
+def async_options(url: str, timeout_s: float, idempotent: bool = True) -> dict:
+    """redis.asyncio's client options (also what the ingress's rate limiter builds its client with)."""
+    return dict(
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=retry_policy(idempotent, AsyncRetry),
         retry_on_error=RETRIED if idempotent else [],
         password=password(url),
     )
+
+
+def async_client(url: str, timeout_s: float, idempotent: bool = True) -> aioredis.Redis:
+    return aioredis.from_url(url, decode_responses=True, **async_options(url, timeout_s, idempotent))

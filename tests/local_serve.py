@@ -38,7 +38,8 @@ class LocalServe:
 
     def start(self, timeout: float = 180, wait: bool = True) -> None:
         config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-        config["applications"][0]["args"].update(size=[48, 32])
+        # The tests are one client (127.0.0.1): more sessions at once than a client's default quota.
+        config["applications"][0]["args"].update(size=[48, 32], max_sessions_per_client=8)
         path = self.directory / "serve_config.yaml"
         path.write_text(yaml.safe_dump(config))
         command = [sys.executable, "-m", "deployments.cli", "serve", "--config", str(path)]

@@ -20,6 +20,7 @@ import pytest
 import ray
 from ray import serve
 
+from deployments.config import FORWARDED_ALLOW_IPS, ServiceConfig
 from tests.serving import deploy_shipped_app, free_port, running_redis, wait_ready
 
 SIZE = (48, 32)
@@ -46,6 +47,8 @@ def deploy(redis_url: str, replicas: int, s3_endpoint: str) -> None:
         rate_limit_per_minute=RATE_LIMIT,
         max_session_seconds=3000,  # the operator's limit, tighter than the API's 3600
         trust_forwarded_for=True,
+        max_sessions_per_client=1000,  # the tests are one client (127.0.0.1); tests/test_serve_quotas.py
+        max_queued_jobs_per_client=1000,  # deploys an app of its own with small quotas
         warm_up_sessions=1,  # nothing is compiled on the CPU: one batch size is warm-up enough
         realtime_admission=False,  # a loaded CI machine's tiny steps must not turn sessions away
     )
@@ -72,6 +75,9 @@ def running_service(directory: Path):
         redis_url = redis.url
         for name, value in CREDENTIALS.items():
             env.setenv(name, value)  # before ray.init: the replicas inherit them
+        env.setenv(
+            FORWARDED_ALLOW_IPS, ServiceConfig(trust_forwarded_for=True).forwarded_allow_ips
+        )  # the proxy
         s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         s3.start()
         s3_endpoint = "http://{}:{}".format(*s3.get_host_and_port())

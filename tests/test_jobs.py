@@ -24,7 +24,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from pydantic import ValidationError
 
-from jobs.queue import DEAD, GROUP, STREAM, JobQueue
+from jobs.queue import DEAD, GROUP, STREAM, JobQueue, KeyReused
 from jobs.schemas import SubmitJob
 from jobs.storage import S3Store
 from jobs.worker import JobWorker, video_key
@@ -159,8 +159,10 @@ def test_a_60_s_job_with_three_switches_lands_in_s3(pipe, redis_url, s3, callbac
 def test_idempotency_key_returns_the_first_job(redis_url):
     queue = JobQueue(redis_url)
     first = queue.submit(job(5, idempotency_key="order-17"), frames_total(5))
-    again = queue.submit(job(9, idempotency_key="order-17"), frames_total(9))
+    again = queue.submit(job(5, idempotency_key="order-17"), frames_total(5))
     assert again == (first[0], True)
+    with pytest.raises(KeyReused):  # the same key with another body (tests/test_abuse_limits.py: clients)
+        queue.submit(job(9, idempotency_key="order-17"), frames_total(9))
     assert queue.submit(job(5, idempotency_key="order-18"), 1)[0] != first[0]
 
 

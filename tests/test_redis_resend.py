@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from deployments.store import EVENTS, POSTED, SESSION, SessionStore, new_id
-from jobs.queue import JOB, KEY, RECORD_TTL_S, STREAM, JobQueue
+from jobs.queue import JOB, KEY, QUEUED, QUEUED_BY, RECORD_TTL_S, STREAM, JobQueue, body_digest
 from jobs.redis_client import async_client, sync_client
 from jobs.schemas import SubmitJob
 from tests.serving import running_redis
@@ -28,7 +28,7 @@ def test_a_prompt_post_sent_twice_is_one_event(server):
         sid = new_id()
         await store.create(sid, "token", 0)
         keys = [SESSION.format(sid), EVENTS.format(sid), POSTED.format(sid, new_id())]
-        args = [1000, "a prompt", "1.0", 300]
+        args = [1000, "a prompt", "1.0", 300, 3600]
         first, again = await store._post(keys=keys, args=args), await store._post(keys=keys, args=args)
         other = await store.post_prompt(sid, "another")  # a new post is a new event
         return [first, again, other], await store.redis.xrange(EVENTS.format(sid))
@@ -42,10 +42,22 @@ def test_a_submit_sent_twice_queues_one_job(server):
     queue = JobQueue(server.url)
     request = SubmitJob(schedule=[{"at": 0, "prompt": "a cat"}], seconds=1, idempotency_key="k-1")
     job_id = new_id()
-    keys = [JOB.format(job_id), KEY.format("k-1"), STREAM]
-    args = [job_id, RECORD_TTL_S, "state", "queued", "request", request.model_dump_json()]
-    assert queue._submit(keys=keys, args=args) == queue._submit(keys=keys, args=args) == job_id
-    assert queue.redis.xlen(STREAM) == 1
+    keys = [JOB.format(job_id), KEY.format("-", "k-1"), STREAM, QUEUED, QUEUED_BY.format("-")]
+    limits = [10, 10, 100]
+    args = [
+        job_id,
+        RECORD_TTL_S,
+        body_digest(request),
+        *limits,
+        "state",
+        "queued",
+        "queued",
+        1,
+        "client",
+        "-",
+    ]
+    assert queue._submit(keys=keys, args=args) == queue._submit(keys=keys, args=args) == ["queued", job_id]
+    assert queue.redis.xlen(STREAM) == 1 and queue.redis.get(QUEUED) == "1"  # counted once
     assert queue.submit(request, 33) == (job_id, True)  # the key names the first job
     assert queue.redis.xlen(STREAM) == 1
 

@@ -1,6 +1,10 @@
-"""The operator's limits (ServiceConfig) tighten the API's hard caps; the ingress answers 422 with them."""
+"""The operator's limits (ServiceConfig) tighten the API's hard caps; the ingress answers 422 with them.
+Quotas and the rate limiter's settings: tests/test_abuse_limits.py, tests/test_serve_quotas.py."""
 
 from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
 
 from deployments.config import ServiceConfig
 
@@ -25,3 +29,16 @@ def test_tighter_limits_name_the_field_that_breaks_them():
         {"loc": ["body", "seconds"], "msg": "at most 240 s"},
         {"loc": ["body", "schedule"], "msg": "at most 2 entries"},
     ]
+
+
+def test_quota_defaults_and_the_proxy_setting_that_matches_trust_forwarded_for():
+    config = ServiceConfig()
+    assert (config.max_sessions_per_client, config.max_queued_jobs_per_client, config.max_queued_jobs) == (
+        2,
+        10,
+        1000,
+    )
+    assert config.forwarded_allow_ips == ""  # uvicorn in Ray's proxy then believes no peer's header
+    assert ServiceConfig(trust_forwarded_for=True).forwarded_allow_ips == "*"
+    with pytest.raises(ValidationError):
+        ServiceConfig(max_queued_jobs=0)
