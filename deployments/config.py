@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jobs.callbacks import CallbackPolicy
+
 
 class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelled setting is an error, not a default
@@ -55,6 +57,10 @@ class ServiceConfig(BaseModel):
     )
     upload_retry_s: float = Field(1.0, gt=0, description="first wait after a failed upload; then doubled")
     upload_retry_max_s: float = Field(60.0, gt=0, description="the longest wait between upload tries")
+    callbacks: CallbackPolicy = Field(
+        default_factory=CallbackPolicy,
+        description="job callbacks: `allow` (non-public targets), `deadline_s` (10), `workers`, `backlog`",
+    )
     # Security and limits (deployments/security.py; deployments/README.md "Security and limits").
     api_keys: list[str] = Field(
         default_factory=list,

@@ -305,6 +305,8 @@ class Ingress:
     @app.post("/v1/jobs", status_code=201, response_model=JobCreated, responses=ERRORS)
     async def submit_job(self, body: SubmitJob) -> JobCreated:
         self._check_limits([e.prompt for e in body.schedule], body.seconds, "job")
+        if body.callback_url is not None and (why := self.config.callbacks.refusal(str(body.callback_url))):
+            raise ApiError(422, "callback_not_allowed", [{"loc": ["body", "callback_url"], "msg": why}])
         token = secrets.token_urlsafe(24)
         job_id, duplicate = await asyncio.to_thread(
             self.jobs.submit, body, frames_total(body.seconds), token_digest(token)
