@@ -6,6 +6,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.callbacks import CallbackPolicy
 
+from .inbound import InboundLimits
+
 
 class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelled setting is an error, not a default
@@ -27,6 +29,10 @@ class ServiceConfig(BaseModel):
     buffer_blocks: int = Field(16, ge=1, description="blocks buffered per session before old ones drop")
     idle_timeout_s: float = Field(60, gt=0, description="a session nobody reads for this long ends")
     max_streams_per_session: int = Field(2, ge=1, description="open streams of one session; more get 429")
+    websocket_inbound: InboundLimits = Field(
+        default_factory=InboundLimits,
+        description="what a client may send on the video WebSocket (the proxy: deployments/inbound.py)",
+    )
     playback_speed: float = Field(1.0, ge=0, description="pacing: 1 = real time, 0 = unpaced")
     graceful_shutdown_timeout_s: float = Field(300, ge=0, description="drain time; above the longest session")
     retry_after_s: int = Field(5, ge=1, description="Retry-After on 503 when every replica is full")

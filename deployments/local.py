@@ -20,6 +20,8 @@ import yaml
 
 from jobs.redis_client import PASSWORD_ENV
 
+from .config import ServiceConfig
+from .inbound import proxy_env
 from .local_redis import PrivateRedis, redis_answers
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -137,6 +139,9 @@ def serve_forever(
             url = None if "redis_url" in app.get("args", {}) else redis_url
             app["args"] = instance_args(app.get("args", {}), data_dir, url, drain_s)
         schema = ServeDeploySchema(**config)
+        # Ray's proxies take their WebSocket limits from the environment they start with.
+        inbound = ServiceConfig(**config["applications"][0]["args"]).websocket_inbound
+        os.environ.update(proxy_env(inbound))
         print(f"longlive: data folder {data_dir}", flush=True)
         # Our own Ray unless told to join one ("local" ignores RAY_ADDRESS and any `ray start` cluster).
         # Ray 2.60 binds its own gRPC ports on every interface and turns a loopback node address into the

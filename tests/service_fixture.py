@@ -20,6 +20,7 @@ import pytest
 import ray
 from ray import serve
 
+from deployments.inbound import InboundLimits, proxy_env
 from tests.serving import deploy_shipped_app, free_port, running_redis, wait_ready
 
 SIZE = (48, 32)
@@ -70,8 +71,8 @@ def running_service(directory: Path):
 
     with running_redis(directory) as redis, pytest.MonkeyPatch.context() as env:
         redis_url = redis.url
-        for name, value in CREDENTIALS.items():
-            env.setenv(name, value)  # before ray.init: the replicas inherit them
+        for name, value in {**CREDENTIALS, **proxy_env(InboundLimits())}.items():
+            env.setenv(name, value)  # before ray.init: the replicas and the proxy inherit them
         s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         s3.start()
         s3_endpoint = "http://{}:{}".format(*s3.get_host_and_port())
