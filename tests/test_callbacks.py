@@ -14,7 +14,7 @@ import pytest
 from jobs.callbacks import CallbackPolicy, CallbackRefused, Callbacks, deliver
 from tests.serving import callback_server
 
-# (URL, why) as a job may write them; each refused whatever the allow list of the test config (127.0.0.1).
+# Callback URLs as a job may write them, each refused whatever the test config allows (127.0.0.1).
 REFUSED_HTTP = [
     "http://0.0.0.0/",
     "http://0/",
