@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jobs.callbacks import CallbackPolicy
+
+from .inbound import InboundLimits
+
 FORWARDED_ALLOW_IPS = "FORWARDED_ALLOW_IPS"  # uvicorn's env: the peers whose X-Forwarded-For it believes
 
 
@@ -27,6 +31,10 @@ class ServiceConfig(BaseModel):
     buffer_blocks: int = Field(16, ge=1, description="blocks buffered per session before old ones drop")
     idle_timeout_s: float = Field(60, gt=0, description="a session nobody reads for this long ends")
     max_streams_per_session: int = Field(2, ge=1, description="open streams of one session; more get 429")
+    websocket_inbound: InboundLimits = Field(
+        default_factory=InboundLimits,
+        description="what a client may send on the video WebSocket (the proxy: deployments/inbound.py)",
+    )
     playback_speed: float = Field(1.0, ge=0, description="pacing: 1 = real time, 0 = unpaced")
     graceful_shutdown_timeout_s: float = Field(300, ge=0, description="drain time; above the longest session")
     retry_after_s: int = Field(5, ge=1, description="Retry-After on 503 when every replica is full")
@@ -57,6 +65,10 @@ class ServiceConfig(BaseModel):
     )
     upload_retry_s: float = Field(1.0, gt=0, description="first wait after a failed upload; then doubled")
     upload_retry_max_s: float = Field(60.0, gt=0, description="the longest wait between upload tries")
+    callbacks: CallbackPolicy = Field(
+        default_factory=CallbackPolicy,
+        description="job callbacks: `allow` (non-public targets), `deadline_s` (10), `workers`, `backlog`",
+    )
     # Security and limits (deployments/security.py; deployments/README.md "Security and limits").
     api_keys: list[str] = Field(
         default_factory=list,

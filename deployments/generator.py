@@ -504,6 +504,7 @@ def build_job_worker(config: ServiceConfig, host: StreamingRuntime, replica_id: 
         spool_dir=config.spool_dir,
         retry_s=config.upload_retry_s,
         retry_max_s=config.upload_retry_max_s,
+        callbacks=config.callbacks,
     )
     worker.start()
     return worker

@@ -27,6 +27,7 @@ from longlive_core.schedule import frames_total
 from .config import FORWARDED_ALLOW_IPS, ServiceConfig
 from .errors import FramesGone, ReplicaFull, SessionMoved, SessionNotHere, TooManyStreams
 from .gone_replicas import GONE
+from .inbound import InboundLimits, Tally
 from .metrics import log, metrics
 from .problems import ApiError, not_found, problem
 from .schemas import (
@@ -61,6 +62,18 @@ READY_TIMEOUT_S = 0.8  # /readyz answers within 1 s whatever the replicas do
 REPLICA_GONE = (RayActorError, ActorUnavailableError)  # its replica died or is being replaced
 logger = logging.getLogger("longlive.ingress")
 ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 409, 410, 413, 422, 429, 503)}
+
+
+async def drain_inbound(ws: WebSocket, limits: InboundLimits) -> tuple[int, str] | None:
+    """Read and drop what the client sends on the video WebSocket until it goes (None) or passes a limit
+    (the close code and reason): unread, it would pile up in this replica (deployments/inbound.py)."""
+    tally = Tally(limits)
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return None
+        if over := tally.over(message):
+            return over
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -345,17 +358,37 @@ class Ingress:
         except ApiError as refused:  # 4410: the frame is no longer kept, 4429: too many streams
             await ws.close(code=4000 + refused.status, reason=f"{refused.code}: {refused.extra}"[:120])
             return
-        try:
+        await self._stream_to(ws, pieces)
+
+    async def _stream_to(self, ws: WebSocket, pieces: AsyncIterator[bytes]) -> None:
+        """Send the video while a reader task drains (and bounds) what the client sends."""
+
+        async def send_all() -> None:
             async for chunk in pieces:
                 await ws.send_bytes(chunk)
-            await ws.close()
-        except WebSocketDisconnect:
-            pass
+
+        sender = asyncio.create_task(send_all())
+        reader = asyncio.create_task(drain_inbound(ws, self.config.websocket_inbound))
+        await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (sender, reader):
+            task.cancel()
+        sent, read = await asyncio.gather(sender, reader, return_exceptions=True)
+        if isinstance(sent, Exception) and not isinstance(sent, WebSocketDisconnect):
+            raise sent  # a failure of the stream itself: logged by the guard like any other
+        try:
+            if isinstance(read, tuple):  # past a limit: the video stops (its stream is closed) first
+                await ws.close(*read)
+            elif sent is None:  # the session ended: every piece was sent
+                await ws.close()
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the client is gone already
 
     # -- jobs --------------------------------------------------------------------------------------
     @app.post("/v1/jobs", status_code=201, response_model=JobCreated, responses=ERRORS)
     async def submit_job(self, body: SubmitJob, request: Request) -> JobCreated:
         self._check_limits([e.prompt for e in body.schedule], body.seconds, "job")
+        if body.callback_url is not None and (why := self.config.callbacks.refusal(str(body.callback_url))):
+            raise ApiError(422, "callback_not_allowed", [{"loc": ["body", "callback_url"], "msg": why}])
         token = secrets.token_urlsafe(24)
         try:
             job_id, duplicate = await asyncio.to_thread(

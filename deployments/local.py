@@ -21,6 +21,7 @@ import yaml
 from jobs.redis_client import PASSWORD_ENV
 
 from .config import FORWARDED_ALLOW_IPS, ServiceConfig
+from .inbound import proxy_env
 from .local_redis import PrivateRedis, redis_answers
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -147,6 +148,9 @@ def serve_forever(
             redis_url = private.url
             # Through the environment (which the local Ray's workers inherit), not the args: Serve logs those.
             os.environ[PASSWORD_ENV] = private.password
+        # Ray's proxies take their WebSocket limits from the environment they start with.
+        inbound = ServiceConfig(**config["applications"][0].get("args", {})).websocket_inbound
+        os.environ.update(proxy_env(inbound))
         print(f"longlive: data folder {data_dir}", flush=True)
         # uvicorn in Ray's proxy believes X-Forwarded-For only from the peers this env names (its workers
         # inherit it): none unless the config trusts the header (ServiceConfig.forwarded_allow_ips).

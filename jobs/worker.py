@@ -30,6 +30,7 @@ from longlive_core.fmp4 import FragmentedMp4Encoder
 from longlive_core.live import StreamingRuntime
 from longlive_core.schedule import frames_total, switch_block
 
+from .callbacks import CallbackPolicy, Callbacks
 from .queue import ENDED, UNREACHABLE, Claimed, JobQueue
 from .repeats import Repeats
 from .storage import LocalStore, S3Store, Stopped, transient
@@ -299,35 +300,6 @@ def sweep_spool(queue: JobQueue, spool_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def without_userinfo(url: str) -> str:
-    """The URL as logs may show it: no `user:password@`."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-
-
-def notify(claimed: Claimed, state: str) -> None:
-    """POST {job_id, state} to the job's callback URL, if any; a failing callback never fails the job.
-    The log names the URL without its credentials, and not httpx's message (it carries the URL whole)."""
-    url = claimed.request.callback_url
-    if url is None:
-        return
-    import httpx
-
-    try:
-        httpx.post(str(url), json={"job_id": claimed.job_id, "state": state}, timeout=10).raise_for_status()
-    except httpx.HTTPStatusError as err:
-        shown = without_userinfo(str(url))
-        logger.warning("job %s: callback %s answered %d", claimed.job_id, shown, err.response.status_code)
-    except httpx.HTTPError as err:
-        logger.warning(
-            "job %s: callback %s failed: %s", claimed.job_id, without_userinfo(str(url)), type(err).__name__
-        )
-
-
 class JobWorker:
     """Claims jobs while the host has room beyond `reserve` slots kept free for live sessions. One job at
     a time: while S3 is away the worker keeps uploading its job rather than spooling more."""
@@ -343,6 +315,7 @@ class JobWorker:
         spool_dir: str | Path | None = None,
         retry_s: float = 1.0,
         retry_max_s: float = 60.0,
+        callbacks: CallbackPolicy | Callbacks | None = None,
     ):
         self.host, self.queue, self.store = host, queue, store
         self.consumer, self.reserve = consumer, reserve
@@ -353,6 +326,10 @@ class JobWorker:
         self.threads: list[threading.Thread] = []
         self.spool_dir = Path(spool_dir) if spool_dir else default_spool_dir()
         self.backoff = Backoff(retry_s, retry_max_s)
+        # Sent on threads of their own: a slow callback server never delays the next job.
+        self.callbacks = (
+            callbacks if isinstance(callbacks, Callbacks) else Callbacks(callbacks or CallbackPolicy())
+        )
         # Called with (job id, state, seconds since claimed) when a job leaves this worker (metrics).
         self.on_finished: Callable[[str, str, float], None] | None = None
 
@@ -371,6 +348,7 @@ class JobWorker:
         self.stop.set()
         for thread in self.threads:
             thread.join(timeout)
+        self.callbacks.shutdown()
 
     def _engine_loop(self) -> None:
         while not self.stop.is_set():
@@ -417,8 +395,8 @@ class JobWorker:
                     self.stop,
                 )
                 logger.info("job %s: %s", claimed.job_id, state)
-                if state in ("done", "cancelled"):
-                    notify(claimed, state)
+                if state in ("done", "cancelled") and claimed.request.callback_url is not None:
+                    self.callbacks.send(claimed.job_id, str(claimed.request.callback_url), state)
             except Exception as err:  # noqa: BLE001 - any failure is recorded and retried or dead-lettered
                 logger.exception("job %s failed", claimed.job_id)
                 error = f"{type(err).__name__}: {err}"
@@ -452,6 +430,7 @@ def main() -> None:
     parser.add_argument("--stale-after", type=float, default=60.0)
     parser.add_argument("--spool-dir", default=None, help="videos wait here until uploaded")
     parser.add_argument("--retry", type=float, nargs=2, default=(1.0, 60.0), metavar=("FIRST_S", "MAX_S"))
+    parser.add_argument("--callback-allow", nargs="*", default=[], help="non-public callback targets allowed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     pipe = LongLivePipeline.from_pretrained(args.model)
@@ -467,6 +446,7 @@ def main() -> None:
         spool_dir=args.spool_dir,
         retry_s=args.retry[0],
         retry_max_s=args.retry[1],
+        callbacks=CallbackPolicy(allow=args.callback_allow),
     )
     for thread in worker.start():
         thread.join()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +30,11 @@ SPOOL_VOLUME = "spool"
 COMPILE_CACHE_VOLUME = "compile-cache"
 COMPILE_CACHE_MOUNT = "/var/cache/torch-compile"
 POD_GRACE_MARGIN_S = 60
+# Serve's hook into each node's proxy: the same WebSocket limits as the ingress (deployments/inbound.py).
+PROXY_HOOK = {
+    "name": "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH",
+    "value": "deployments.inbound:proxy_middlewares",
+}
 
 
 def serve_config(base: dict, cluster: dict) -> dict:
@@ -75,15 +81,20 @@ def ray_container(cluster: dict, resources: dict, ports: list[dict], generator: 
         {"secretRef": {"name": "longlive-s3", "optional": True}},  # AWS_* (or a workload identity)
         {"secretRef": {"name": "longlive-api-keys", "optional": True}},  # LONGLIVE_API_KEYS
     ]
+    proxy_env = [PROXY_HOOK]
+    if "websocket_inbound" in cluster["args"]:
+        limits = json.dumps(cluster["args"]["websocket_inbound"], separators=(",", ":"))
+        proxy_env.append({"name": "LONGLIVE_WEBSOCKET_INBOUND", "value": limits})
     container = {
         "name": "ray",
         "image": cluster["image"],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "ports": ports,
+        "env": proxy_env,
         "envFrom": env_from,
     }
     if generator:
-        container["env"] = env
+        container["env"] = proxy_env + env
         container["volumeMounts"] = [
             {"name": "weights", "mountPath": WEIGHTS_MOUNT},
             {"name": SPOOL_VOLUME, "mountPath": cluster["args"]["spool_dir"]},

@@ -21,6 +21,7 @@ import ray
 from ray import serve
 
 from deployments.config import FORWARDED_ALLOW_IPS, ServiceConfig
+from deployments.inbound import InboundLimits, proxy_env
 from tests.serving import deploy_shipped_app, free_port, running_redis, wait_ready
 
 SIZE = (48, 32)
@@ -73,8 +74,8 @@ def running_service(directory: Path):
 
     with running_redis(directory) as redis, pytest.MonkeyPatch.context() as env:
         redis_url = redis.url
-        for name, value in CREDENTIALS.items():
-            env.setenv(name, value)  # before ray.init: the replicas inherit them
+        for name, value in {**CREDENTIALS, **proxy_env(InboundLimits())}.items():
+            env.setenv(name, value)  # before ray.init: the replicas and the proxy inherit them
         env.setenv(
             FORWARDED_ALLOW_IPS, ServiceConfig(trust_forwarded_for=True).forwarded_allow_ips
         )  # the proxy

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -102,3 +106,48 @@ def wait_ready(base: str, timeout: float = 120) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{base} not ready within {timeout} s")
+
+
+class Recorder:
+    """The test's callback server: records each POST (its Host header and JSON body); `trickle_s` > 0
+    answers one byte of its status line every `trickle_s` seconds until the client goes."""
+
+    def __init__(self, trickle_s: float = 0.0):
+        self.received: list[tuple[str, dict]] = []
+        self.trickle_s = trickle_s
+        self.done = threading.Event()
+
+
+@contextmanager
+def callback_server(trickle_s: float = 0.0) -> Iterator[tuple[Recorder, int]]:
+    recorder = Recorder(trickle_s)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            recorder.received.append((self.headers["Host"], body))
+            if recorder.trickle_s:
+                for byte in b"HTTP/1.1 204 No Content\r\n" * 100:  # far longer than any deadline
+                    if recorder.done.wait(recorder.trickle_s):
+                        return
+                    try:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                    except OSError:
+                        return  # the client hung up: what the deadline is for
+                return
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield recorder, server.server_port
+    finally:
+        recorder.done.set()
+        server.shutdown()
+        server.server_close()

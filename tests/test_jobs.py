@@ -5,16 +5,13 @@ S3 down at upload time, Redis killed and restarted mid-job, a restarted worker u
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import av
@@ -24,6 +21,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from pydantic import ValidationError
 
+from jobs.callbacks import CallbackPolicy
 from jobs.queue import DEAD, GROUP, STREAM, JobQueue, KeyReused
 from jobs.schemas import SubmitJob
 from jobs.storage import S3Store
@@ -31,7 +29,7 @@ from jobs.worker import JobWorker, video_key
 from longlive_core.live import StreamingRuntime
 from longlive_core.pipeline import LongLivePipeline
 from longlive_core.schedule import frames_total
-from tests.serving import RedisServer, free_port, redis_server
+from tests.serving import RedisServer, callback_server, free_port, redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (48, 32)
@@ -41,6 +39,7 @@ CREDENTIALS = {
     "AWS_SECRET_ACCESS_KEY": "test",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+LOOPBACK_CALLBACKS = CallbackPolicy(allow=["127.0.0.1"], deadline_s=5)  # the tests' callback servers
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +88,7 @@ def job(seconds: float, **extra) -> SubmitJob:
 
 
 def start_worker(pipe, queue, store, consumer: str, spool_dir: Path | None = None, **options) -> JobWorker:
-    """A standalone worker; its own spool directory unless given; `options`: retry_s, retry_max_s."""
+    """A standalone worker, its own spool directory unless given; options: retry_s, retry_max_s, callbacks."""
     host = StreamingRuntime(pipe, max_sessions=1, size=SIZE)
     spool_dir = spool_dir or Path(tempfile.mkdtemp(prefix="spool-"))
     worker = JobWorker(host, queue, store, consumer, drive_engine=True, spool_dir=spool_dir, **options)
@@ -114,46 +113,46 @@ def open_uploads(store: S3Store) -> list:
     return store.client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
 
 
-@pytest.fixture
-def callback_server():
-    """A real HTTP endpoint that records the JSON bodies POSTed to it."""
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's naming
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/done", received
-    server.shutdown()
-
-
-def test_a_60_s_job_with_three_switches_lands_in_s3(pipe, redis_url, s3, callback_server):
+def test_a_60_s_job_with_three_switches_lands_in_s3(pipe, redis_url, s3):
     queue, store = JobQueue(redis_url), S3Store(BUCKET, s3)
-    callback_url, callbacks = callback_server
-    request = job(60, callback_url=callback_url)
-    job_id, duplicate = queue.submit(request, frames_total(60))
-    assert not duplicate
-    worker = start_worker(pipe, queue, store, "w-60")
-    try:
-        record = wait_state(queue, job_id, {"done", "failed"}, timeout=300)
-    finally:
-        worker.shutdown()
+    with callback_server() as (recorder, port):
+        request = job(60, callback_url=f"http://127.0.0.1:{port}/done")
+        job_id, duplicate = queue.submit(request, frames_total(60))
+        assert not duplicate
+        worker = start_worker(pipe, queue, store, "w-60", callbacks=LOOPBACK_CALLBACKS)
+        try:
+            record = wait_state(queue, job_id, {"done", "failed"}, timeout=300)
+            deadline = time.monotonic() + 10
+            while not recorder.received and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            worker.shutdown()
     assert record["state"] == "done" and int(record["frames_done"]) == int(record["frames_total"]) == 969
     url = store.url(record["key"])
     data = httpx.get(url, timeout=30).content  # the presigned URL serves it
     assert count_frames(data) == 969
     assert not open_uploads(store)
-    deadline = time.monotonic() + 10
-    while not callbacks and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert callbacks == [{"job_id": job_id, "state": "done"}]
+    assert recorder.received == [(f"127.0.0.1:{port}", {"job_id": job_id, "state": "done"})]
+
+
+def test_a_trickling_callback_server_does_not_delay_the_next_job(pipe, redis_url, s3):
+    # The callback server answers a byte a second: the first job's callback holds a callback thread up to
+    # its deadline, never the claim loop, so the second job is taken as soon as the first is done.
+    queue, store = JobQueue(redis_url), S3Store(BUCKET, s3)
+    with callback_server(trickle_s=1.0) as (recorder, port):
+        first, _ = queue.submit(job(2, callback_url=f"http://127.0.0.1:{port}/slow"), frames_total(2))
+        second, _ = queue.submit(job(2, seed=1), frames_total(2))
+        worker = start_worker(pipe, queue, store, "w-trickle", callbacks=LOOPBACK_CALLBACKS)
+        try:
+            wait_state(queue, first, {"done"})
+            done_at = time.monotonic()
+            wait_state(queue, second, {"running", "uploading", "done"}, timeout=30)
+            taken_after = time.monotonic() - done_at
+            assert wait_state(queue, second, {"done", "failed"})["state"] == "done"
+            assert recorder.received == [(f"127.0.0.1:{port}", {"job_id": first, "state": "done"})]
+        finally:
+            worker.shutdown()
+    assert taken_after < 1.0 < LOOPBACK_CALLBACKS.deadline_s
 
 
 def test_idempotency_key_returns_the_first_job(redis_url):
