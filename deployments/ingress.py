@@ -126,24 +126,22 @@ class Ingress:
         while True:
             try:
                 return await getattr(self._session(session_id), method).remote(session_id, *args)
-            except REPLICA_GONE:
+            except REPLICA_GONE as err:
                 if time.monotonic() > deadline:
                     self.metrics.error("ingress", "failover_timeout")
                     raise ApiError(
                         503, "replica_gone", "the session's replica is gone and no other took it over"
                     ) from None
-                await self._replica_gone(session_id)
+                await self._replica_gone(err)
 
-    async def _replica_gone(self, session_id: str) -> None:
-        """A call of the session failed on its replica: the router moves the session at its next request
-        (GONE), without waiting for Serve's health checks. The first retry goes at once, later ones back off
-        (with one replica, until Serve's replacement is up)."""
-        try:
-            owner = await self.store.owner(session_id)
-        except RedisError:  # Redis away too: Serve's own view of the replicas decides
-            owner = None
-        if owner is not None and owner not in GONE.recent():
-            GONE.report(owner)
+    @staticmethod
+    async def _replica_gone(err: RayActorError) -> None:
+        """A call failed on the actor the error names: the router moves the session off it at its next
+        request (GONE), without waiting for Serve's health checks. The first retry goes at once, later ones
+        back off (with one replica, until Serve's replacement is up)."""
+        actor = err.actor_id
+        if actor is not None and actor not in GONE.recent():
+            GONE.report(actor)
             return
         await asyncio.sleep(FAILOVER_BACKOFF_S)
 
@@ -172,7 +170,7 @@ class Ingress:
                 if isinstance(err, SessionMoved):  # moved by another router: follow it
                     await asyncio.sleep(FAILOVER_BACKOFF_S)
                 else:
-                    await self._replica_gone(session_id)
+                    await self._replica_gone(err)
             except SessionNotHere:
                 return
 

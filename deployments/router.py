@@ -59,7 +59,7 @@ class SessionRouter(RequestRouter):
         gone = gone_replicas.GONE.recent()
         # A replica found gone is no candidate, unless nothing else is (the call fails again at once and
         # is retried, until Serve's replacement is up).
-        by_id = {rid: r for rid, r in by_id.items() if rid not in gone} or by_id
+        by_id = {rid: r for rid, r in by_id.items() if r.actor_id.hex() not in gone} or by_id
         candidate_replicas = list(by_id.values())
         # Never raise here: an exception ends Ray's routing loop and the request would hang unrouted.
         # (The store's client re-sends these idempotent reads and compare-and-sets itself.)
