@@ -940,6 +940,8 @@ class StreamingRuntime:
                     switches.append((s, s.encoding.pop(index)))
                 continue
             exact = block in s.scheduled
+            if not exact and any(p.block == block for p in s.prompts):
+                continue  # a switch is at this block already (a restore's resume block): the next goes after
             if exact:  # the schedule's prompt at its block, whatever was posted before
                 s.prompts.append(TimelineEntry(s.scheduled.pop(block), now))
                 index = len(s.prompts) - 1

@@ -200,6 +200,26 @@ def test_a_session_moved_twice_in_a_row_resumes_both_times(pipe):
     assert [chunk.block for chunk in run_until(c, "s", 10, {}, read_upto=10)] == [9]
 
 
+def test_a_prompt_posted_right_after_a_restore_takes_the_block_after_the_resume_switch(pipe):
+    """The checkpoint holds a switch made at the very block the restore resumes at (its old host took it
+    for the block it was making): a prompt posted before the new host's first step comes one block later,
+    never at that block too (it superseded the first one unseen)."""
+    from dataclasses import replace
+
+    from longlive_core.checkpoint import TimelineEntry
+
+    a = StreamingRuntime(pipe, max_sessions=1, size=SIZE, playback_speed=0, checkpoints=True)
+    a.open("s", RED, seed=4)
+    run_until(a, "s", 4, {}, read_upto=4)
+    cp = a.checkpoint("s")
+    cp = replace(cp, timeline=[*cp.timeline, TimelineEntry(FOREST, 0.0, block=4, applied_at=0.0)])
+    b = StreamingRuntime(pipe, max_sessions=1, size=SIZE, playback_speed=0, checkpoints=True)
+    assert b.restore(cp) == 4
+    b.post_prompt("s", SEA)
+    run_until(b, "s", 6, {}, read_upto=6)
+    assert [(p["prompt"], p["block"]) for p in b.status("s")["prompts"]] == [(RED, 0), (FOREST, 4), (SEA, 5)]
+
+
 def test_a_restored_session_resumes_where_the_viewer_is_with_its_prompts(pipe):
     """Host A dies after 9 blocks, its viewer having read 7; host B restores the checkpoint (through its
     serialised form) and continues at block 7: the switch A made at block 8 is made again there, a prompt
