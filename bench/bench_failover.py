@@ -20,7 +20,6 @@ import io
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -60,32 +59,20 @@ def decoded_frames(data: bytes) -> list[int]:
 def run(args: argparse.Namespace) -> dict:
     import httpx
     import ray
-    from ray import serve
 
-    from tests.serving import deploy_shipped_app, free_port, redis_server, wait_ready
+    from tests.serving import local_service
 
-    with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as redis_url:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        overrides = dict(
-            redis_url=redis_url,
-            model=args.model,
-            compile=args.compile,
-            replica_gpus=args.replica_gpus,
-            max_sessions=2,
-            jobs=False,
-            store_dir=str(Path(tmp) / "videos"),
-            rate_limit_per_minute=0,
-        )
-        if args.model == "tiny-random":  # nothing compiles on the CPU: one batch size is warm-up enough
-            overrides.update(size=[48, 32], warm_up_sessions=1)
-        deploy_shipped_app(overrides, args.replicas)
-        base = f"http://127.0.0.1:{port}"
-        started = time.monotonic()
-        wait_ready(base, timeout=1800)
-        ready_s = time.monotonic() - started
-
+    overrides = dict(
+        model=args.model,
+        compile=args.compile,
+        replica_gpus=args.replica_gpus,
+        max_sessions=2,
+        jobs=False,
+        rate_limit_per_minute=0,
+    )
+    if args.model == "tiny-random":  # nothing compiles on the CPU: one batch size is warm-up enough
+        overrides.update(size=[48, 32], warm_up_sessions=1)
+    with local_service(overrides, args.replicas) as (base, ready_s, _):
         seconds = (args.every + 30) * (args.kills + 1)  # video: room for restarts of a replica
         body = {"prompt": PROMPT, "seed": 1, "max_seconds": seconds}
         session = httpx.post(f"{base}/v1/sessions", json=body, timeout=120).raise_for_status().json()
@@ -114,8 +101,6 @@ def run(args: argparse.Namespace) -> dict:
             kill_owner(owner)
         viewer.join(seconds * 3 + 600)
         final = httpx.get(url, headers=headers, timeout=60).raise_for_status().json()
-        serve.shutdown()
-        ray.shutdown()
 
     arrivals = [t for t, _ in pieces]
     silences = [silence(arrivals, kill, AFTER_KILL_S) for kill in kills]

@@ -22,7 +22,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -77,34 +76,22 @@ def service_part(args: argparse.Namespace) -> dict:
     import httpx
     import ray
     import torch
-    from ray import serve
 
-    from tests.serving import deploy_shipped_app, free_port, redis_server, wait_ready
+    from tests.serving import local_service
 
     on_gpu = torch.cuda.is_available()
-    with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as redis_url:
-        ray.init(address="local", num_gpus=1 if on_gpu else 0, include_dashboard=False, log_to_driver=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        overrides = dict(
-            redis_url=redis_url,
-            model=args.model,
-            size=list(args.size),
-            compile=args.compile,
-            replica_gpus=1 if on_gpu else 0,
-            max_sessions=args.sessions,
-            playback_speed=0,
-            realtime_admission=False,  # unpaced: real-time capacity is not the question here
-            jobs=False,
-            store_dir=str(Path(tmp) / "videos"),
-            rate_limit_per_minute=0,
-        )
-        deploy_shipped_app(overrides, 1)
-        base = f"http://127.0.0.1:{port}"
-        started = time.monotonic()
-        wait_ready(base, timeout=1800)
-        ready_s = time.monotonic() - started
-
+    overrides = dict(
+        model=args.model,
+        size=list(args.size),
+        compile=args.compile,
+        replica_gpus=1 if on_gpu else 0,
+        max_sessions=args.sessions,
+        playback_speed=0,
+        realtime_admission=False,  # unpaced: real-time capacity is not the question here
+        jobs=False,
+        rate_limit_per_minute=0,
+    )
+    with local_service(overrides, 1, num_gpus=1 if on_gpu else 0) as (base, ready_s, _):
         sessions = []
         for i in range(args.sessions):
             body = {"prompt": PROMPT.format(i), "seed": i, "max_seconds": args.seconds}
@@ -123,8 +110,6 @@ def service_part(args: argparse.Namespace) -> dict:
         for reader in readers:
             reader.join(args.seconds * 20 + 600)
         statuses = [status_of(base, s) for s in sessions]
-        serve.shutdown()
-        ray.shutdown()
     result = summarise_bytes(arrivals, opened, statuses)
     result["ready_s"] = ready_s
     result["ray"] = ray.__version__

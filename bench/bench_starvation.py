@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -91,26 +90,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     import ray
-    from ray import serve
 
-    from tests.serving import deploy_shipped_app, free_port, redis_server, wait_ready
+    from tests.serving import local_service
 
-    with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as redis_url:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        overrides = dict(
-            redis_url=redis_url,
-            size=[48, 32],
-            warm_up_sessions=1,
-            jobs=False,
-            store_dir=str(Path(tmp) / "videos"),
-            rate_limit_per_minute=0,
-            max_sessions_per_client=4,
-        )
-        deploy_shipped_app(overrides, 1)
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, timeout=600)
+    overrides = dict(
+        size=[48, 32],
+        warm_up_sessions=1,
+        jobs=False,
+        rate_limit_per_minute=0,
+        max_sessions_per_client=4,
+    )
+    with local_service(overrides, 1, timeout=600) as (base, _, _):
         alone = viewer_rate(base, args.seconds)
         stop, counts = threading.Event(), {}
         attacker = threading.Thread(target=lambda: counts.update(attack(base, stop)), daemon=True)
@@ -119,8 +109,6 @@ def main() -> None:
         attacked = viewer_rate(base, args.seconds)
         stop.set()
         attacker.join(120)
-        serve.shutdown()
-        ray.shutdown()
     rows = [
         "| viewer of session B | fragments / s | vs alone |",
         "|---|---|---|",

@@ -151,3 +151,32 @@ def callback_server(trickle_s: float = 0.0) -> Iterator[tuple[Recorder, int]]:
         recorder.done.set()
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def local_service(
+    args: dict, replicas: int = 1, timeout: float = 1800, **ray_init
+) -> Iterator[tuple[str, float, Path]]:
+    """For benches: a redis-server, a local Ray on loopback HTTP and the shipped app with `args` (its
+    redis_url and, unless given, its store_dir set) on `replicas` Generator replicas; yields (base URL,
+    seconds to ready, a scratch folder). Serve and Ray are shut down on exit."""
+    import tempfile
+
+    import ray
+    from ray import serve
+
+    with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as redis_url:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **ray_init)
+        try:
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            deploy_shipped_app(
+                {"store_dir": str(Path(tmp) / "videos"), **args, "redis_url": redis_url}, replicas
+            )
+            base = f"http://127.0.0.1:{port}"
+            started = time.monotonic()
+            wait_ready(base, timeout=timeout)
+            yield base, time.monotonic() - started, Path(tmp)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
