@@ -162,10 +162,11 @@ def serve_forever(
         context = ray.init(
             address=ray_address or "local", include_dashboard=False if ray_address is None else None
         )
+        gpus = ray.cluster_resources().get("GPU", 0)
         for app in config["applications"]:
             url = None if "redis_url" in app.get("args", {}) else redis_url
             app["args"] = instance_args(app.get("args", {}), data_dir, url, drain_s)
-            one_replica_per_gpu(app, ray.cluster_resources().get("GPU", 0))
+            one_replica_per_gpu(app, gpus)
         schema = ServeDeploySchema(**config)
         print(f"longlive: Ray's logs in {context.address_info['session_dir']}/logs", flush=True)
         stop = stop_on_signals()
