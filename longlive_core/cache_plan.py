@@ -109,6 +109,11 @@ class CacheLayout:
             slot_frames=tuple(self.slot_frames),
         )
 
+    def rewind(self, committed: int) -> None:
+        """Forget the frames from `committed` on (blocks made and then thrown away): their slots count as
+        empty, so that while the window is still filling the recache that follows sees none of them."""
+        self.slot_frames = [EMPTY if f >= committed else f for f in self.slot_frames]
+
     # -- the passes ------------------------------------------------------------------------------
     def plan_block(self, start_frame: int) -> PassPlan:
         """The denoising passes and the commit pass of the block starting at `start_frame`.

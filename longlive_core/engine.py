@@ -166,6 +166,28 @@ class Engine:
         self.scheduler.set_prompt(session_id)
         self.prompts[session_id] = prompt
 
+    def rewind_session(self, session_id: str, blocks_done: int, recent_latents: Tensor) -> None:
+        """Take a running session back to after `blocks_done` blocks (the blocks made since are thrown
+        away); call `set_prompt` next: its recache rebuilds the window from `recent_latents` [C, F, H, W],
+        the clean latents of its last F = min(committed, window_frames) frames (blocks made later have
+        overwritten them in the history). The sink stays: past a filled window no block writes it, and
+        while the window fills the recache recomputes it. Between steps only."""
+        cfg = self.config
+        if cfg.recache == "off":
+            raise ValueError("rewinding needs a recache pass to rebuild the window (recache is 'off')")
+        made = self.scheduler.sessions[session_id].blocks_done if session_id in self.scheduler.sessions else 0
+        if not 1 <= blocks_done <= made:
+            raise ValueError(f"blocks_done must be in [1, {made}] for {session_id!r}, got {blocks_done}")
+        committed = blocks_done * cfg.block_frames
+        frames = min(committed, cfg.window_frames)
+        expected = (self.model.config.in_dim, frames, *self.latent_size)
+        if tuple(recent_latents.shape) != expected:
+            raise ValueError(f"recent_latents must have shape {expected}, got {tuple(recent_latents.shape)}")
+        self.scheduler.rewind(session_id, blocks_done)
+        slot = self.scheduler.sessions[session_id].slot
+        ring = [f % cfg.window_frames for f in range(committed - frames, committed)]
+        self.history[slot, to_device(ring, self.model.device)] = recent_latents.transpose(0, 1).float()
+
     def remove_session(self, session_id: str) -> None:
         self.scheduler.remove_session(session_id)
 

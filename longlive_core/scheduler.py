@@ -149,6 +149,18 @@ class Scheduler:
         """Note a new prompt; it takes effect at the session's next block boundary."""
         self._get(session_id).prompt_version += 1
 
+    def rewind(self, session_id: str, blocks_done: int) -> None:
+        """Take a running session back to after `blocks_done` blocks: the later ones are made again (with
+        the same noise: it depends on the block index). A prompt set now recaches from there."""
+        state = self._get(session_id)
+        if state.slot < 0 or state.finished:
+            raise ValueError(f"session {session_id!r} is not running")
+        if not 1 <= blocks_done <= state.blocks_done:
+            raise ValueError(f"blocks_done must be in [1, {state.blocks_done}], got {blocks_done}")
+        state.blocks_done = blocks_done
+        state.committed_frames = blocks_done * self.config.block_frames
+        state.layout.rewind(state.committed_frames)
+
     def remove_session(self, session_id: str) -> None:
         state = self._get(session_id)
         if not state.finished:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from longlive_core.config import GenerationConfig
-from longlive_core.engine import Engine
+from longlive_core.engine import Engine, padded_prompt
 from longlive_core.session import GenerationSession
 from tests.helpers import prompt, rel_err, tiny_model
 
@@ -208,3 +208,71 @@ def test_a_restored_session_continues_exactly_like_one_that_recached_in_place(mo
         assert rel_err(restored(sink_prompt=first)[0], reposted[restore_at]) > 20 * TOL
     with pytest.raises(ValueError, match="recent_latents"):
         restored(recent=6)
+
+
+def _switched(model, cfg, seed: int, first, switches: dict, blocks: int) -> list[torch.Tensor]:
+    session = GenerationSession(model, cfg, SIZE, first, seed=seed)
+    out = []
+    for b in range(blocks):
+        if b in switches:
+            session.set_prompt(switches[b])
+        out.append(session.next_block())
+    return out
+
+
+@pytest.mark.parametrize("rope_mode", ["relative", "absolute"])
+@pytest.mark.parametrize("rewind_at", [3, 6])  # 9 frames: the window still filling; 18: it slid
+def test_a_rewound_session_remakes_the_blocks_of_one_that_got_the_prompt_there(model, rope_mode, rewind_at):
+    """Instant steering: blocks made ahead under the old prompt are thrown away and made again under the
+    new one. Rewound to `rewind_at` (two blocks past it were made) with the new prompt, the session makes
+    exactly the blocks of a session that got that prompt at that block. While the window fills, the
+    thrown blocks' slots must not be seen by the recache; later, their latents have overwritten the
+    history the recache reads, so the kept ones go back."""
+    cfg = GenerationConfig(rope_mode=rope_mode)
+    seed, p0, p1, p2 = 5, prompt(0), prompt(1), prompt(2)
+    expected = _switched(model, cfg, seed, p0, {2: p1, rewind_at: p2}, rewind_at + 2)
+
+    def rewound(recent_from: str = "kept", recache: bool = True, new_prompt=p2) -> tuple[list, list]:
+        engine = Engine(model, cfg, SIZE, max_sessions=2)
+        engine.add_session("s", p0, seed=seed)
+        engine.add_session("other", prompt(3), seed=9)  # a neighbour in the batch
+        made, other = [], []
+        for b in range(rewind_at + 2):
+            if b == 2:
+                engine.set_prompt("s", p1)
+            out = engine.step()
+            made.append(out["s"].clone())
+            other.append(out["other"].clone())
+        frames = min(3 * rewind_at, cfg.window_frames)
+        kept = torch.cat(made[:rewind_at], dim=1)[:, -frames:]
+        thrown = torch.cat(made, dim=1)[:, -frames:]  # the newest frames: the wrong ones
+        engine.rewind_session("s", rewind_at, kept if recent_from == "kept" else thrown)
+        if recache:
+            engine.set_prompt("s", new_prompt)
+        else:  # control: the new prompt's cross-attention only, the window's K/V as the thrown blocks left it
+            slot = engine.scheduler.sessions["s"].slot
+            engine.prompts["s"] = padded_prompt(model, new_prompt)
+            engine.cache.set_context(slot, model.encode_context(engine.prompts["s"]))
+        del made[rewind_at:]
+        for _ in range(2):
+            out = engine.step()
+            made.append(out["s"].clone())
+            other.append(out["other"].clone())
+        return made, other
+
+    got, other = rewound()
+    for b in range(rewind_at + 2):
+        assert rel_err(got[b], expected[b]) < TOL, b
+    neighbour = _alone(model, cfg, [prompt(3)], 9, rewind_at + 4)
+    assert all(rel_err(x, y) < TOL for x, y in zip(other, neighbour, strict=True))
+    # Negative controls: no recache, a recache under the old prompt, the history left as the thrown blocks
+    # wrote it: each moves the remade block far beyond the tolerance.
+    for broken in (rewound(recache=False), rewound(new_prompt=p1), rewound(recent_from="thrown")):
+        assert rel_err(broken[0][rewind_at], expected[rewind_at]) > 20 * TOL
+    engine = Engine(model, cfg, SIZE)
+    engine.add_session("s", p0)
+    engine.step()
+    with pytest.raises(ValueError, match="recent_latents"):
+        engine.rewind_session("s", 1, torch.zeros(1))
+    with pytest.raises(ValueError, match="blocks_done"):
+        engine.rewind_session("s", 2, torch.cat(got[:1], dim=1))
