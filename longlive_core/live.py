@@ -7,14 +7,20 @@ close), read chunks and read snapshots, all under the runtime's one lock, never 
 
 A step: (1) wait until the DiT of the block in flight is done, so a prompt posted while it was made takes
 effect at the next block; (2) apply commands and prompt switches whose text is encoded; (3) launch the
-next DiT step; (4) decode the block in flight on a second CUDA stream while that step runs, and deliver
-it. Text encoding runs on its own thread (PromptEncoder). A session is queued -> live -> ended or failed.
+next DiT step; (4) on a second CUDA stream, decode and send the blocks whose send time has come while
+that step runs. Text encoding runs on its own thread (PromptEncoder). A session is queued -> live -> ended
+or failed.
 
 Pacing: a live session is generated at most `lead_seconds` ahead of its playback clock (which starts when
-its first block is out). A new session's first block runs as a step of its own when the others have
-their lead buffered. Each session keeps its newest `buffer_blocks` blocks in a ring that reading never
-empties: every viewer reads all of them at its own cursor (`read_block`, woken by `watch`), and a slow one
-never stalls the others; `next_chunk` is the one-reader cursor that jobs and scripts use.
+its first block is out), and each block is sent (decoded, then handed to readers) only `send_lead_seconds`
+ahead of it: the clean latents of blocks made but not sent wait on the device. A new prompt throws away the
+unsent blocks that can be made again in time and remakes them under it (a rewind and a recache from the
+kept latents: instant steering); the status lists each replacement. A new session's first block runs as a
+step of its own when the others have their lead buffered.
+
+Each session keeps its newest `buffer_blocks` sent blocks in a ring that reading never empties: every
+viewer reads all of them at its own cursor (`read_block`, woken by `watch`), and a slow one never stalls
+the others; `next_chunk` is the one-reader cursor that jobs and scripts use.
 `playback_speed=0` turns pacing off (batch work runs as fast as the device allows).
 """
 
@@ -24,7 +30,6 @@ import contextlib
 import gc
 import itertools
 import logging
-import queue
 import statistics
 import threading
 import time
@@ -48,6 +53,7 @@ from .schedule import FPS, block_of_frame, blocks_for_seconds, video_frames
 
 logger = logging.getLogger(__name__)
 COST_SAMPLES = 50  # step costs kept per batch size, for admission
+REMAKE_MARGIN_S = 0.1  # a remade block is ready this long before it is due on screen (network, player)
 
 
 class CapacityError(RuntimeError):
@@ -104,6 +110,26 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class Replacement:
+    """Blocks made under an older prompt, thrown away before anyone was sent them, and made again."""
+
+    block: int  # the first block made again, under `prompt`
+    first_frame: int  # its first video frame
+    frames: int  # video frames thrown away
+    prompt: str
+    at: float  # Unix time
+
+
+@dataclass
+class _Made:
+    """A block whose DiT step was launched and that is not sent yet: its clean latents, on the device."""
+
+    block: int
+    latents: Tensor  # [C, block_frames, h, w]
+    done: torch.cuda.Event | None  # the end of its step (CUDA): the decode stream waits for it
+
+
+@dataclass(frozen=True)
 class SessionView:
     """A snapshot of one session for other threads (metrics, Redis sync)."""
 
@@ -151,6 +177,10 @@ class LiveSession:
     scheduled: dict[int, str] = field(default_factory=dict)  # block -> prompt applied right before it
     read_blocks: int = 0  # blocks handed to a reader, the furthest one (a restore elsewhere resumes here)
     kept: dict[int, Tensor] = field(default_factory=dict)  # block -> clean latents, for checkpoints
+    unsent: deque[_Made] = field(default_factory=deque)  # made, waiting for their send time, in order
+    sending: bool = False  # a block of it is being decoded (one at a time: the decoder carries state)
+    clean: dict[int, Tensor] = field(default_factory=dict)  # block -> clean latents on the device: rewinds
+    replacements: list[Replacement] = field(default_factory=list)
     replay: dict[int, int] = field(default_factory=dict)  # restored: block -> timeline index applied there
 
     @property
@@ -212,12 +242,21 @@ class StepRecord:
         return not (self.joined or self.recaches or self.restores or self.encoding)
 
 
+@dataclass(frozen=True)
+class _Switch:
+    """A prompt switch to make before a session's next block; rewind_to: remade from that block on."""
+
+    session: LiveSession
+    embeds: Future[Tensor]
+    rewind_to: int | None = None
+    recent: Tensor | None = None  # the clean latents of the window before rewind_to
+
+
 @dataclass
 class _InFlight:
-    """A launched DiT step whose block is not decoded yet."""
+    """A launched DiT step, recorded (StepRecord) once its DiT is done."""
 
-    latents: dict[str, Tensor]  # engine id -> the block's clean latents
-    owners: dict[str, LiveSession]  # engine id -> its session
+    sessions: int  # blocks it makes
     started: float  # perf_counter at launch
     launch_seconds: float
     done: torch.cuda.Event | None  # recorded after the step (CUDA); None: the step ran synchronously
@@ -254,6 +293,7 @@ class StreamingRuntime:
         background_encoding: bool = False,
         realtime_margin: float | None = 1.0,
         overlap_decode: bool = True,
+        send_lead_seconds: float | None = 0.5,
     ):
         """checkpoints: keep the clean latents `checkpoint()` needs for live (paced) sessions.
         config: default the pipeline's with relative RoPE, the one mode for open-ended sessions (as the
@@ -261,13 +301,19 @@ class StreamingRuntime:
         runtime); off, the engine thread encodes them at its next step. realtime_margin: a new live session
         is admitted while the measured step time stays under this share of a block's playback time (None:
         by free slots only).
-        overlap_decode (CUDA): decode each block on a second stream while the next block's DiT runs."""
+        overlap_decode (CUDA): decode each block on a second stream while the next block's DiT runs.
+        send_lead_seconds: a live session's blocks are decoded and handed to readers this far ahead of their
+        playback (the player's buffer; keep it below the time a remake takes, or it only delays steering);
+        made blocks wait unsent until then, and a new prompt remakes those it can. None: every block is
+        sent as soon as it is made, and a prompt applies after the blocks made already."""
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if playback_speed < 0:
             raise ValueError(f"playback_speed must be >= 0 (0: unpaced), got {playback_speed}")
         if realtime_margin is not None and not 0 < realtime_margin <= 1:
             raise ValueError(f"realtime_margin must be in (0, 1], got {realtime_margin}")
+        if send_lead_seconds is not None and not 0 <= send_lead_seconds <= lead_seconds:
+            raise ValueError(f"send_lead_seconds must be in [0, lead_seconds], got {send_lead_seconds}")
         self.pipe = pipe
         self.width, self.height = pipe.check_size(size)
         self.config = config or pipe.generation_config.with_(rope_mode="relative")
@@ -276,6 +322,7 @@ class StreamingRuntime:
         self.encoder = PromptEncoder(pipe.text_encoder, background=background_encoding, on_done=self._notify)
         self.max_sessions = max_sessions
         self.lead_seconds = lead_seconds
+        self.send_lead_seconds = send_lead_seconds
         self.buffer_blocks = buffer_blocks
         self.idle_timeout_s = idle_timeout_s
         self.playback_speed = playback_speed
@@ -291,13 +338,16 @@ class StreamingRuntime:
         self.frames_made = 0  # video frames delivered for any session since start (metrics)
         self.stalled_blocks = 0  # paced blocks delivered late, any session (metrics)
         self._costs: dict[int, deque[float]] = {}  # batch size -> recent step costs (s)
+        self._switch_costs: dict[int, deque[float]] = {}  # batch size -> costs of steps with a recache
+        self._decode_times: deque[float] = deque(maxlen=COST_SAMPLES)  # per block sent (s)
+        self._decode_spent = 0.0  # decoding since the last step record (s)
+        self._stopping = False
         self._sessions: dict[str, LiveSession] = {}
         self._commands: deque[_Command] = deque()
         # Reentrant: an encoding already done when submitted (under the lock) notifies at once.
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)  # commands queued or ready / chunks produced
         self._in_flight: _InFlight | None = None  # the step launched last (CUDA)
-        self._decode_queue: queue.Queue[_InFlight | None] = queue.Queue(maxsize=2)
         self._decode_thread: threading.Thread | None = None
         device = pipe.transformer.device
         on_cuda = device.type == "cuda" and overlap_decode
@@ -465,6 +515,16 @@ class StreamingRuntime:
                     }
                     for p in s.prompts
                 ],
+                "replacements": [
+                    {
+                        "block": r.block,
+                        "first_frame": r.first_frame,
+                        "frames": r.frames,
+                        "prompt": r.prompt,
+                        "at": r.at,
+                    }
+                    for r in s.replacements
+                ],
             }
 
     def snapshot(self) -> list[SessionView]:
@@ -570,7 +630,9 @@ class StreamingRuntime:
     def shutdown(self) -> None:
         self.encoder.close()
         if self._decode_thread is not None:
-            self._decode_queue.put(None)
+            with self._lock:
+                self._stopping = True
+                self._wake.notify_all()
             self._decode_thread.join()
             self._decode_thread = None
 
@@ -606,13 +668,14 @@ class StreamingRuntime:
                 " handles while serving (warm up on the stepping thread, see longlive_core.engine_thread)"
             )
             self._warmed_thread = None  # said once
-        if self._in_flight is not None:
-            self._in_flight.done.synchronize()  # its DiT is done: prompts posted meanwhile apply next
+        if self._in_flight is not None:  # its DiT done: prompts posted meanwhile apply at the next block
+            self._record(self._in_flight)
             self._in_flight = None
         self.encoder.run_pending()
+        here = self._decode_stream is None  # no second stream: this thread decodes and sends
         with self._lock:
-            if not self._ready_commands() and not self._plan_step()[0]:
-                self._wake.wait(min(max_wait, self._seconds_until_due()))
+            if not self._ready_commands() and not self._plan_step()[0] and not (here and self._sends_due()):
+                self._wake.wait(min(max_wait, self._seconds_until_due(sends=here)))
             self._close_idle()
             commands = self._take_ready_commands()
         self.encoder.run_pending()
@@ -620,26 +683,36 @@ class StreamingRuntime:
             command.run()
         with self._lock:  # after the commands: a session restored just now makes its switch at this block
             switches = self._take_prompt_switches()
-        for session, future in switches:
-            self._set_prompt(session, future)
+        for switch in switches:
+            self._set_prompt(switch)
         with self._lock:
             due, only = self._plan_step()
         made = self._launch(only) if due else None
+        if here:
+            self._send_due()
+            if made is not None:
+                self._record(made)
+            return made is not None
         if made is None:
             return False
-        if self._decode_stream is None:  # no second stream: decode now
-            made.wait()
-            self._deliver(made)
-            return True
         self._in_flight = made
         self._start_decoding()
-        self._decode_queue.put(made)  # bounded: a decode that falls behind holds the next launch back
         return True
 
     def drain(self) -> None:
-        """Wait until every launched block is delivered (the caller stops stepping)."""
-        if self._decode_thread is not None:
-            self._decode_queue.join()
+        """Wait until every launched step is recorded and every block due to be sent is sent (the caller
+        stops stepping; an unpaced session's blocks are due at once). Call it on the stepping thread."""
+        if self._in_flight is not None:
+            self._record(self._in_flight)
+            self._in_flight = None
+        if self._decode_stream is None:
+            self._send_due()
+            return
+        with self._lock:
+            while self._decode_thread is not None and (
+                self._sends_due() or any(s.sending for s in self._sessions.values())
+            ):
+                self._wake.wait(0.05)
 
     def _start_decoding(self) -> None:
         if self._decode_thread is None:
@@ -647,16 +720,18 @@ class StreamingRuntime:
             self._decode_thread.start()
 
     def _decode_loop(self) -> None:
-        """The decode thread (CUDA): each launched step's blocks, decoded on the decode stream while the
-        engine thread launches the next step, then delivered."""
-        while (made := self._decode_queue.get()) is not None:
+        """The decode thread (CUDA): sends each block at its send time, decoded on the decode stream while
+        the engine thread launches the next steps."""
+        while True:
+            with self._lock:
+                while not self._stopping and not (due := self._take_due()):
+                    self._wake.wait(min(1.0, self._seconds_until_send()))
+                if self._stopping:
+                    return
             try:
-                self._deliver(made)
+                self._send(due)
             except Exception:  # noqa: BLE001 - a bug: logged, and the next blocks still go out
-                logger.exception("delivering a step's blocks failed (a bug)")
-            finally:
-                self._decode_queue.task_done()
-        self._decode_queue.task_done()
+                logger.exception("sending blocks failed (a bug)")
 
     def warm_up(self, sessions: int | None = None, every_shape: bool | None = None) -> None:
         """Run every pass shape that up to `sessions` (default max_sessions) concurrent sessions can take:
@@ -676,7 +751,9 @@ class StreamingRuntime:
         try:
             for batch in range(1, sessions + 1 if every_shape else 2):
                 self._warm_up_batch(batch)
-            self._costs.clear()  # compile time is no step cost: measure each batch size once compiled
+            # Compile time is no step cost: measure each batch size once compiled.
+            for measured in (self._costs, self._switch_costs, self._decode_times):
+                measured.clear()
             for batch in range(1, sessions + 1 if self.realtime_margin is not None else 1):
                 self._measure_batch(batch)
             self.steps.clear()  # compile-time steps say nothing about serving
@@ -727,7 +804,8 @@ class StreamingRuntime:
             self.forget(sid)
 
     def _measure_batch(self, batch: int, samples: int = 3) -> None:
-        """Steady steps of `batch` sessions (compiled already): what admission predicts from."""
+        """Steady steps of `batch` sessions (compiled already), what admission predicts from, then a step
+        with a switch: what a remake is expected to take."""
         ids = [f"__measure_{batch}_{i}__" for i in range(batch)]
         for sid in ids:
             self.open(sid, "warm up", paced=False)
@@ -736,6 +814,8 @@ class StreamingRuntime:
         self._costs.pop(batch, None)
         for _ in range(samples):
             self._warm_up_step(ids)
+        self.post_prompt(ids[0], "warm up, switched")
+        self._warm_up_step(ids)
         for sid in ids:
             self.close(sid)
         self._warm_up_step(ids)
@@ -855,6 +935,10 @@ class StreamingRuntime:
                     session.decoder_stream, latents, self.pipe.vae_dtype, self.pipe.runtime.low_memory
                 )
         with self._lock:
+            if self._remakes(session):  # the window at the resume block, as a rewind there needs it
+                device = self.pipe.transformer.device
+                first = block - len(recent_blocks)
+                session.clean = {first + i: b.to(device) for i, b in enumerate(recent_blocks)}
             session.in_engine = True
             session.move_to(SessionPhase.LIVE)
 
@@ -862,7 +946,10 @@ class StreamingRuntime:
         if session.in_engine:
             self.engine.remove_session(session.engine_id)
             session.in_engine = False
-        session.decoder_stream = None
+        with self._lock:
+            session.unsent.clear()
+            session.clean.clear()
+            session.decoder_stream = None
 
     def _fail(self, session: LiveSession, reason: str) -> None:
         """The session ends with `reason` (it leaves the engine at the next step); the others go on."""
@@ -879,12 +966,75 @@ class StreamingRuntime:
             embeds.record_stream(torch.cuda.current_stream(embeds.device))
         return embeds
 
-    def _set_prompt(self, session: LiveSession, future: Future[Tensor]) -> None:
+    def _set_prompt(self, switch: _Switch) -> None:
+        session, future = switch.session, switch.embeds
         self.encoder.run_pending()  # an exact switch's prompt, submitted just now
         if (err := future.exception()) is not None:  # waits for an exact (scheduled) switch's encoding
             self._fail(session, f"encoding a prompt failed: {err}")
             return
+        if switch.rewind_to is not None:  # remade from there: the blocks made since are thrown away
+            self.engine.rewind_session(session.engine_id, switch.rewind_to, switch.recent)
         self.engine.set_prompt(session.engine_id, self._embeds(future))
+
+    def _remakes(self, session: LiveSession) -> bool:
+        """Whether a prompt may remake the session's unsent blocks (a live session, sent at its pace)."""
+        return (
+            self.send_lead_seconds is not None
+            and session.paced
+            and bool(self.playback_speed)
+            and self.config.recache != "off"
+        )
+
+    def _due_at(self, session: LiveSession, block: int) -> float:
+        """Clock time block `block`'s first frame is due on the viewer's screen (its playback started)."""
+        frames = video_frames(block * self.config.block_frames) - session.playback_origin
+        return session.playback_start + frames / FPS / self.playback_speed
+
+    def _send_at(self, session: LiveSession, block: int) -> float:
+        """Clock time to send block `block`: at once, unless it is a live session's whose playback began."""
+        if not (session.paced and self.playback_speed and self.send_lead_seconds is not None):
+            return float("-inf")
+        if session.playback_start is None:
+            return float("-inf")  # its first block here: it starts the playback clock
+        return self._due_at(session, block) - self.send_lead_seconds
+
+    def _remake_seconds(self, batch: int) -> float:
+        """What a step with a switch, then the block's decode, is expected to take (measured)."""
+        if samples := self._switch_costs.get(batch):
+            step = statistics.median(samples)
+        elif (steady := self._predicted_cost(batch)) is not None:
+            step = 2 * steady
+        else:
+            step = self.block_seconds
+        return step + (statistics.median(self._decode_times) if self._decode_times else 0.0)
+
+    def _rewind_point(self, session: LiveSession, now: float) -> int | None:
+        """Under the lock: the first unsent block a remake under a new prompt still has on screen in time
+        (None: none; the prompt applies after the blocks made)."""
+        if not (self._remakes(session) and session.unsent and session.playback_start is not None):
+            return None
+        ready = now + self._remake_seconds(len(self._active())) + REMAKE_MARGIN_S
+        for made in session.unsent:
+            if made.block >= 1 and self._due_at(session, made.block) >= ready:
+                window = range(max(0, made.block - self.window_blocks), made.block)
+                return made.block if all(b in session.clean for b in window) else None
+        return None
+
+    def _rewind(self, session: LiveSession, block: int, prompt: str) -> Tensor:
+        """Under the lock: throw the blocks from `block` on away (the timeline's switches among them are
+        superseded); returns the clean latents of the window before it, for the engine's rewind."""
+        bf = self.config.block_frames
+        made_frames, first = video_frames(session.blocks_made * bf), video_frames(block * bf)
+        session.replacements.append(Replacement(block, first, made_frames - first, prompt, time.time()))
+        session.unsent = deque(m for m in session.unsent if m.block < block)
+        for entry in session.prompts:
+            if entry.block is not None and entry.block >= block:
+                entry.block = -1
+        window = range(max(0, block - self.window_blocks), block)
+        recent = torch.cat([session.clean[b] for b in window], dim=1)
+        session.clean = {b: t for b, t in session.clean.items() if b < block}
+        session.blocks_made = block
+        return recent[:, -min(block * bf, self.config.window_frames) :]
 
     def _playback_due(self, session: LiveSession, now: float) -> bool:
         if session.playback_start is None:
@@ -907,6 +1057,8 @@ class StreamingRuntime:
         active = self._active()
         if not active:
             return False, None
+        if self._decode_stream is not None and any(self._due_unsent(s) >= 2 for s in active):
+            return False, None  # decoding fell behind: hold the next launch back
         paced = [s for s in active if s.paced and self.playback_speed]
         if not paced:
             return True, None
@@ -916,28 +1068,47 @@ class StreamingRuntime:
         fresh = {s.engine_id for s in active if s.fresh}
         return (True, fresh) if fresh else (False, None)
 
-    def _seconds_until_due(self) -> float:
-        waits = []
+    def _seconds_until_due(self, sends: bool = False) -> float:
+        """Until the next step is due (and with `sends`, the next block is to be sent)."""
+        waits = [self._seconds_until_send()] if sends else []
         for s in self._active():
             if s.playback_start is not None and self.playback_speed and s.paced:
                 ahead = self._made_seconds(s) - self.lead_seconds
                 waits.append(s.playback_start + ahead / self.playback_speed - self.clock())
         return max(0.0, min(waits, default=3600.0))
 
-    def _take_prompt_switches(self) -> list[tuple[LiveSession, Future[Tensor]]]:
+    def _seconds_until_send(self) -> float:
+        now = self.clock()
+        times = [self._send_at(s, s.unsent[0].block) for s in self._sessions.values() if s.unsent]
+        return max(0.0, min(times, default=now + 3600.0) - now)
+
+    def _due_unsent(self, session: LiveSession) -> int:
+        """Under the lock: its blocks whose send time has come, being sent or not."""
+        now = self.clock()
+        return session.sending + sum(self._send_at(session, m.block) <= now for m in session.unsent)
+
+    def _sends_due(self) -> bool:
+        now = self.clock()
+        return any(
+            s.unsent and not s.sending and not s.ended and self._send_at(s, s.unsent[0].block) <= now
+            for s in self._sessions.values()
+        )
+
+    def _take_prompt_switches(self) -> list[_Switch]:
         """Under the lock: per session, the switch to make before its next block. A restored session's
         replays and a batch job's schedule apply exactly at their blocks (waiting for their encoding if it
         must); a live session's latest posted prompt applies once encoded (earlier ones are superseded:
-        one recache)."""
+        one recache), at the first unsent block a remake still has on screen in time (the blocks from
+        there on are thrown away), else after the blocks made."""
         switches = []
-        now = time.time()
+        now, clock = time.time(), self.clock()
         for s in self._active():
             block = s.blocks_made
             if s.replay:  # a restored session makes its switches again first, at their blocks
                 if block in s.replay:
                     index = s.replay.pop(block)
                     s.prompts[index].block, s.prompts[index].applied_at = block, now
-                    switches.append((s, s.encoding.pop(index)))
+                    switches.append(_Switch(s, s.encoding.pop(index)))
                 continue
             exact = block in s.scheduled
             if not exact and any(p.block == block for p in s.prompts):
@@ -955,8 +1126,13 @@ class StreamingRuntime:
             for skipped in s.waiting[:-1]:
                 s.prompts[skipped].block = -1  # superseded before any block was made under it
             s.waiting.clear()
+            switch = _Switch(s, s.encoding.pop(index))
+            if not exact and (rewind_to := self._rewind_point(s, clock)) is not None:
+                recent = self._rewind(s, rewind_to, s.prompts[index].prompt)
+                switch = replace(switch, rewind_to=rewind_to, recent=recent)
+                block = rewind_to
             s.prompts[index].block, s.prompts[index].applied_at = block, now
-            switches.append((s, s.encoding.pop(index)))
+            switches.append(switch)
         return switches
 
     def _close_idle(self) -> None:
@@ -986,17 +1162,22 @@ class StreamingRuntime:
             done.record()
         work = self.engine.last_schedule
         with self._lock:
-            owners = {s.engine_id: s for s in self._sessions.values() if s.engine_id in latents}
-            for s in owners.values():
+            for s in self._sessions.values():
+                if s.engine_id not in latents:
+                    continue  # not stepped, or it left before the launch's lock
+                block = latents[s.engine_id]
+                s.unsent.append(_Made(s.blocks_made, block, done))
+                if self._remakes(s):
+                    s.clean[s.blocks_made] = block
                 s.blocks_made += 1
                 s.fresh = False
                 if s.prompts[0].applied_at is None:
                     s.prompts[0].applied_at = time.time()
                 if s.num_blocks is not None and s.blocks_made >= s.num_blocks:
                     s.in_engine = False  # the engine drops it at its last block
+            self._wake.notify_all()  # the decode thread: a block to send
         return _InFlight(
-            latents,
-            owners,
+            len(latents),
             started,
             launch_seconds,
             done,
@@ -1019,71 +1200,102 @@ class StreamingRuntime:
         video = decode_block(session.decoder_stream, block, self.pipe.vae_dtype, self.pipe.runtime.low_memory)
         return to_uint8_frames(video)
 
-    def _deliver(self, made: _InFlight) -> None:
-        """Decode a launched step's blocks (on the decode stream, overlapping the step launched after it)
-        and hand them to the sessions' buffers."""
-        started = time.perf_counter()
-        decoded: dict[str, np.ndarray] = {}
-        kept: dict[str, Tensor] = {}
-        failed: dict[str, str] = {}
-        stream = self._decode_stream
-        decode_begin = decode_end = None
-        with torch.no_grad(), self._on_decode_stream():
-            if stream is not None:
-                stream.wait_event(made.done)
-                decode_begin = torch.cuda.Event(enable_timing=True)
-                decode_begin.record(stream)
-            for sid, block in made.latents.items():
-                session = made.owners.get(sid)
-                # It left meanwhile: closed before the launch's lock (no owner), or after it.
-                if session is None or session.decoder_stream is None:
-                    continue
-                if stream is not None:
-                    block.record_stream(stream)
-                try:
-                    decoded[sid] = self._decode(session, block)
-                except (RuntimeError, ValueError) as err:  # e.g. out of memory: this session fails alone
-                    logger.exception(
-                        "decoding block %d of %s failed", session.blocks_done, session.session_id
-                    )
-                    failed[sid] = f"decode failed: {err}"
-                    continue
-                if self.checkpoints and session.paced:  # the DiT's dtype: what a recache reads anyway
-                    kept[sid] = block.to("cpu", self.pipe.transformer.dtype)
-            if stream is not None:
-                decode_end = torch.cuda.Event(enable_timing=True)
-                decode_end.record(stream)
-        made.wait()
-        if decode_end is not None:
-            decode_end.synchronize()
-            decode_seconds = decode_begin.elapsed_time(decode_end) / 1e3
-        else:  # in series: the DiT was done before this decode began
-            decode_seconds = time.perf_counter() - started
-        # Overlapped, the DiT (timed on the GPU, slowed by the decode beside it) and the decode share
-        # the step's time; in series they add up.
-        overlapped = stream is not None
-        cost = max(made.dit_seconds, decode_seconds) if overlapped else made.dit_seconds + decode_seconds
-        record = StepRecord(
-            sessions=len(made.latents),
-            joined=made.joined,
-            recaches=made.recaches,
-            restores=made.restores,
-            encoding=made.encoding or self.encoder.busy,
-            launch_seconds=made.launch_seconds,
-            dit_seconds=made.dit_seconds,
-            decode_seconds=decode_seconds,
-            cost=cost,
-        )
-        now = self.clock()
+    def _take_due(self) -> list[tuple[LiveSession, _Made]]:
+        """Under the lock: per session, its next block if its send time has come (marked as sending)."""
+        now, due = self.clock(), []
+        for s in self._sessions.values():
+            if s.unsent and not s.sending and not s.ended and self._send_at(s, s.unsent[0].block) <= now:
+                s.sending = True
+                due.append((s, s.unsent.popleft()))
+        return due
+
+    def _send_due(self) -> None:
+        """Send every block whose send time has come, here (no second stream)."""
+        while due := self._take_due_locked():
+            self._send(due)
+
+    def _take_due_locked(self) -> list[tuple[LiveSession, _Made]]:
         with self._lock:
+            return self._take_due()
+
+    def _send(self, due: list[tuple[LiveSession, _Made]]) -> None:
+        """Decode blocks (on the decode stream, beside the steps launched meanwhile) and hand them to their
+        sessions' rings. A failed decode fails its session alone."""
+        started = time.perf_counter()
+        decoded: dict[int, tuple[np.ndarray, Tensor | None]] = {}
+        failed: dict[int, str] = {}
+        stream = self._decode_stream
+        begin = end = None
+        try:
+            with torch.no_grad(), self._on_decode_stream():
+                if stream is not None:
+                    begin = torch.cuda.Event(enable_timing=True)
+                    begin.record(stream)
+                for i, (session, made) in enumerate(due):
+                    if session.decoder_stream is None:
+                        continue  # it left meanwhile
+                    if stream is not None:
+                        stream.wait_event(made.done)
+                        made.latents.record_stream(stream)
+                    try:
+                        frames = self._decode(session, made.latents)
+                    except (RuntimeError, ValueError) as err:  # e.g. out of memory: this session fails alone
+                        logger.exception("decoding block %d of %s failed", made.block, session.session_id)
+                        failed[i] = f"decode failed: {err}"
+                        continue
+                    kept = None
+                    if self.checkpoints and session.paced:  # the DiT's dtype: what a recache reads anyway
+                        kept = made.latents.to("cpu", self.pipe.transformer.dtype)
+                    decoded[i] = (frames, kept)
+                if stream is not None:
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record(stream)
+            if end is not None:
+                end.synchronize()
+                seconds = begin.elapsed_time(end) / 1e3
+            else:
+                seconds = time.perf_counter() - started
+            now = self.clock()
+            with self._lock:
+                self._decode_spent += seconds
+                if decoded:
+                    self._decode_times.append(seconds / len(decoded))
+                for i, (frames, kept) in decoded.items():
+                    session = due[i][0]
+                    if not session.ended:
+                        self._hand_over(session, frames, kept, now)
+        finally:
+            with self._lock:
+                for session, _ in due:
+                    session.sending = False
+                self._wake.notify_all()
+        for i, reason in failed.items():
+            self._fail(due[i][0], reason)
+
+    def _record(self, made: _InFlight) -> None:
+        """A step's record, once its DiT is done: its DiT time and the decoding done beside it."""
+        made.wait()
+        with self._lock:
+            decode, self._decode_spent = self._decode_spent, 0.0
+            # Overlapped, the DiT (timed on the GPU, slowed by the decode beside it) and the decode share
+            # the step's time; in series they add up.
+            dit = made.dit_seconds
+            cost = max(dit, decode) if self._decode_stream is not None else dit + decode
+            record = StepRecord(
+                sessions=made.sessions,
+                joined=made.joined,
+                recaches=made.recaches,
+                restores=made.restores,
+                encoding=made.encoding or self.encoder.busy,
+                launch_seconds=made.launch_seconds,
+                dit_seconds=made.dit_seconds,
+                decode_seconds=decode,
+                cost=cost,
+            )
             self.steps.append(record)
-            if not (record.recaches or record.restores):  # a switch's extra pass is no steady cost
-                self._costs.setdefault(record.sessions, deque(maxlen=COST_SAMPLES)).append(cost)
-            for sid, frames in decoded.items():
-                self._hand_over(made.owners[sid], frames, kept.get(sid), now)
-            self._wake.notify_all()
-        for sid, reason in failed.items():
-            self._fail(made.owners[sid], reason)
+            if not record.restores:  # a switch's extra pass is no steady cost, but a remake's
+                costs = self._switch_costs if record.recaches else self._costs
+                costs.setdefault(record.sessions, deque(maxlen=COST_SAMPLES)).append(cost)
 
     def _hand_over(self, s: LiveSession, frames: np.ndarray, kept: Tensor | None, now: float) -> None:
         """Under the lock: one decoded block into the session's ring."""
@@ -1099,11 +1311,11 @@ class StreamingRuntime:
             oldest = s.blocks_done - self.window_blocks - ROLLBACK_BLOCKS
             if oldest >= self.window_blocks:  # the first blocks stay: the sink was made of them
                 s.kept.pop(oldest, None)
+        s.clean.pop(s.blocks_done - self.window_blocks, None)  # a rewind goes back to this block at most
         if s.playback_start is None:
             s.playback_start, s.playback_origin = now, s.frames_done
         elif s.paced and self.playback_speed:
-            due = s.playback_start + (s.frames_done - s.playback_origin) / FPS / self.playback_speed
-            if now > due:
+            if now > self._due_at(s, s.blocks_done):
                 s.stalled_blocks += 1
                 self.stalled_blocks += 1
         s.blocks_done += 1

@@ -84,18 +84,25 @@ def test_duration_limit_ends_the_session_and_frees_its_slot(pipe):
     assert frames == 21 and host.load == 0
 
 
-def test_pacing_keeps_generation_just_ahead_of_playback(pipe):
+def test_pacing_keeps_generation_just_ahead_of_playback_and_sending_just_ahead_of_the_screen(pipe):
     now = [0.0]
     host = StreamingRuntime(pipe, max_sessions=1, size=SIZE, lead_seconds=1.0, clock=lambda: now[0])
     host.open("a", RED)
     for _ in range(6):
         host.run_once(max_wait=0)
-    # t=0: blocks until the buffered video (9, 21, ... frames at 16 fps) covers 1 s of lead.
-    assert host.status("a")["blocks_done"] == 2  # 21 frames = 1.31 s >= 1 s
-    now[0] = 3.0  # 3 s later: 3 s played + 1 s lead = 4 s = 64 frames -> 6 blocks (69 frames)
-    for _ in range(10):
+
+    def made_and_sent() -> tuple[int, int]:
+        view = host.snapshot()[0]
+        return view.blocks_made, view.blocks_done
+
+    # t=0: blocks until the video made (9, 21, ... frames at 16 fps) covers 1 s of lead; only the first is
+    # sent (block 1 is due at 9/16 s, sent 0.5 s before).
+    assert made_and_sent() == (2, 1)  # 21 frames = 1.31 s >= 1 s
+    while now[0] < 3.0:  # 3 s played + 1 s lead = 4 s = 64 frames -> 6 blocks (69 frames); sent: due by 3.5 s
+        now[0] += 0.05
         host.run_once(max_wait=0)
-    assert host.status("a")["blocks_done"] == 6
+    assert made_and_sent() == (6, 5)  # block 4 starts at frame 45 (2.81 s), block 5 at 57 (3.56 s)
+    assert host.stalled_blocks == 0
 
 
 def test_a_restored_session_is_paced_from_where_it_resumes(pipe):
@@ -112,11 +119,13 @@ def test_a_restored_session_is_paced_from_where_it_resumes(pipe):
     assert b.restore(a.checkpoint("a"), from_frame=a.status("a")["frames_done"]) == 12
     for _ in range(50):
         b.run_once(max_wait=0.01)
-    assert b.status("a")["blocks_done"] == 14  # 2 blocks = 24 frames = 1.5 s >= 1 s of lead
+    view = b.snapshot()[0]
+    assert (view.blocks_made, view.blocks_done) == (14, 13)  # 2 blocks = 24 frames = 1.5 s >= 1 s of lead
     while now[0] < 3.0:  # 3 s played + 1 s lead = 64 frames -> 6 blocks (72 frames), none late
         now[0] += 0.05
         b.run_once(max_wait=0)
-    assert b.status("a")["blocks_done"] == 18 and b.stalled_blocks == 0
+    view = b.snapshot()[0]
+    assert (view.blocks_made, view.blocks_done) == (18, 17) and b.stalled_blocks == 0  # sent: due by 3.5 s
 
 
 def test_slow_client_loses_old_blocks_not_the_others_progress(pipe):
