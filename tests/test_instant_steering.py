@@ -24,7 +24,8 @@ class Driven:
 
     def __init__(self, pipe: LongLivePipeline):
         self.now = 0.0
-        self.host = StreamingRuntime(pipe, max_sessions=2, size=SIZE, checkpoints=True, clock=lambda: self.now)
+        clock = lambda: self.now  # noqa: E731
+        self.host = StreamingRuntime(pipe, max_sessions=2, size=SIZE, checkpoints=True, clock=clock)
         self.host.open("s", RED, seed=SEED)
         self.chunks = []
 
@@ -46,7 +47,8 @@ class Driven:
 
 
 def uninterrupted(pipe: LongLivePipeline, switches: dict[int, str], blocks: int) -> StreamingRuntime:
-    """The session that got each prompt exactly at its block (kept latents: a paced session, unpaced clock)."""
+    """The session that got each prompt exactly at its block (a paced session, for its kept latents, on an
+    unpaced clock)."""
     host = StreamingRuntime(pipe, max_sessions=1, size=SIZE, checkpoints=True, playback_speed=0)
     host.open("s", RED, seed=SEED, scheduled=switches)
     while host.status("s")["blocks_done"] < blocks:
