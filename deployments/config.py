@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.callbacks import CallbackPolicy
 
@@ -28,6 +28,12 @@ class ServiceConfig(BaseModel):
     replica_gpus: float = Field(0, ge=0, description="1 on GPU machines")
     replica_cpus: float = Field(0.25, ge=0)
     lead_seconds: float = Field(1.5, gt=0, description="how far generation may run ahead of playback")
+    send_lead_seconds: float | None = Field(
+        0.5,
+        ge=0,
+        description="blocks are sent this far ahead of playback; a new prompt remakes the unsent ones"
+        " (instant steering); null: sent as made, a prompt applies after them",
+    )
     buffer_blocks: int = Field(16, ge=1, description="blocks buffered per session before old ones drop")
     idle_timeout_s: float = Field(60, gt=0, description="a session nobody reads for this long ends")
     max_streams_per_session: int = Field(2, ge=1, description="open streams of one session; more get 429")
@@ -86,6 +92,15 @@ class ServiceConfig(BaseModel):
     max_sessions_per_client: int = Field(2, ge=1, description="open sessions of one client; more get 429")
     max_queued_jobs_per_client: int = Field(10, ge=1, description="queued jobs of one client; more get 429")
     max_queued_jobs: int = Field(1000, ge=1, description="jobs waiting for a worker; more get 503")
+
+    @model_validator(mode="after")
+    def _send_within_lead(self) -> ServiceConfig:
+        if self.send_lead_seconds is not None and self.send_lead_seconds > self.lead_seconds:
+            raise ValueError(
+                f"send_lead_seconds ({self.send_lead_seconds}) must not exceed"
+                f" lead_seconds ({self.lead_seconds})"
+            )
+        return self
 
     @property
     def forwarded_allow_ips(self) -> str:

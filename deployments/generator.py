@@ -65,6 +65,7 @@ def build_host(config: ServiceConfig) -> StreamingRuntime:
         max_sessions=config.max_sessions,
         size=config.size,
         lead_seconds=config.lead_seconds,
+        send_lead_seconds=config.send_lead_seconds,
         buffer_blocks=config.buffer_blocks,
         idle_timeout_s=config.idle_timeout_s,
         playback_speed=config.playback_speed,

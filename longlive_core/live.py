@@ -302,8 +302,8 @@ class StreamingRuntime:
         is admitted while the measured step time stays under this share of a block's playback time (None:
         by free slots only).
         overlap_decode (CUDA): decode each block on a second stream while the next block's DiT runs.
-        send_lead_seconds: a live session's blocks are decoded and handed to readers this far ahead of their
-        playback (the player's buffer; keep it below the time a remake takes, or it only delays steering);
+        send_lead_seconds: a live session's blocks are decoded and handed to readers this much video ahead
+        of their playback (the player's buffer; above the time a remake takes it only delays steering);
         made blocks wait unsent until then, and a new prompt remakes those it can. None: every block is
         sent as soon as it is made, and a prompt applies after the blocks made already."""
         if max_sessions < 1:
@@ -996,7 +996,7 @@ class StreamingRuntime:
             return float("-inf")
         if session.playback_start is None:
             return float("-inf")  # its first block here: it starts the playback clock
-        return self._due_at(session, block) - self.send_lead_seconds
+        return self._due_at(session, block) - self.send_lead_seconds / self.playback_speed
 
     def _remake_seconds(self, batch: int) -> float:
         """What a step with a switch, then the block's decode, is expected to take (measured)."""

@@ -140,3 +140,13 @@ def test_a_prompt_too_late_for_any_unsent_block_applies_after_the_blocks_made(pi
     assert [p["block"] for p in status["prompts"]] == [0, 2] and status["replacements"] == []
     with pytest.raises(ValueError, match="send_lead_seconds"):
         StreamingRuntime(pipe, max_sessions=1, size=SIZE, lead_seconds=1.0, send_lead_seconds=2.0)
+
+
+def test_the_service_config_keeps_sending_within_the_lead():
+    from pydantic import ValidationError
+
+    from deployments.config import ServiceConfig
+
+    with pytest.raises(ValidationError, match="send_lead_seconds"):
+        ServiceConfig(lead_seconds=1.0, send_lead_seconds=1.5)
+    assert ServiceConfig(send_lead_seconds=None).send_lead_seconds is None
