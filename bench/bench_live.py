@@ -1,9 +1,12 @@
 """Live sessions on one StreamingRuntime (what a Generator replica serves), paced to real-time playback.
 
 Measures, server side, what a viewer sees: time from opening a session to its first block of frames,
-prompt-to-pixel latency (post of a new prompt, text encoding included, to the first block made under
-it), and stalls (blocks that arrive after their playback time). Full size: random DiT, Wan VAE or
-TAEW2_1 and umT5-XXL weights on the GPU; --preset tiny runs the tiny-random model on the CPU.
+prompt-to-pixel latency (post of a new prompt, text encoding included, to the first block under it sent),
+prompt-to-screen (post to the time that block's first frame is due on a screen that plays from the first
+block's arrival, as the web page does: the buffered lead included), and stalls (blocks that arrive after
+their playback time). `--send-lead none` sends blocks as they are made (main before instant steering).
+Full size: random DiT, Wan VAE or TAEW2_1 and umT5-XXL weights on the GPU; --preset tiny runs the
+tiny-random model on the CPU.
 
     python bench/bench_live.py --compile --sessions 1 2 --out bench/results/live_h100.md
 """
@@ -119,12 +122,21 @@ def run(
         return None
     for sid in ids:  # where a first block's time goes: encoding + join, the DiT launch, the decode
         print(sid, {k: round((v - opened[sid]) * 1e3) for k, v in marks[sid].items()}, flush=True)
-    first, to_pixel, stalls = [], [], 0
+    first, to_pixel, to_screen, stalls, remakes, late_remade = [], [], [], 0, 0, 0
     for sid in ids:
         times = dict(received[sid])
         first.append(times[0] - opened[sid])
-        switch_block = host.status(sid)["prompts"][1]["block"]
+        status = host.status(sid)
+        switch_block = status["prompts"][1]["block"]
         to_pixel.append(times[switch_block] - posted)
+
+        def on_screen(block: int, start: float = times[0]) -> float:  # a screen playing from block 0's
+            return start + video_frames(block * host.config.block_frames) / FPS  # arrival (the page)
+
+        to_screen.append(max(times[switch_block], on_screen(switch_block)) - posted)
+        for r in status["replacements"]:
+            remakes += 1
+            late_remade += sum(b in times and times[b] > on_screen(b) for b in (r["block"], r["block"] + 1))
         play = times[0] + PREROLL_S  # the player starts one block after the first arrives
         for block, at in received[sid][1:]:  # block k must arrive before the frames before it are played
             if at > play + video_frames(block * host.config.block_frames) / FPS:
@@ -136,6 +148,9 @@ def run(
         "first": (statistics.median(first) * 1e3, max(first) * 1e3),
         "first_later": max(first[1:], default=float("nan")) * 1e3,
         "to_pixel": (statistics.median(to_pixel) * 1e3, max(to_pixel) * 1e3),
+        "to_screen": (statistics.median(to_screen) * 1e3, max(to_screen) * 1e3),
+        "remakes": remakes,
+        "late_remade": late_remade,
         "stalls": stalls,
         "blocks": sum(len(r) - 1 for r in received.values()),
         "recompiles": host.recompiles,
@@ -153,22 +168,29 @@ def main() -> None:
     parser.add_argument("--stagger", type=float, nargs="+", default=[0.0], help="seconds between opens")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--low-memory", action="store_true", help="as a low_memory replica runs")
+    parser.add_argument(
+        "--send-lead", default="0.5", help="seconds of video sent ahead of playback; none: sent as made"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    send_lead = None if args.send_lead == "none" else float(args.send_lead)
     torch.backends.cudnn.benchmark = True
     pipe = build_pipe(args.preset, args.decoder, args.compile, args.low_memory)
     on_gpu = torch.cuda.is_available() and args.preset == "full"
     rows = [
         "| sessions | opened every (s) | first block (ms, median / max) | first block of a later session (ms)"
-        " | prompt-to-pixel (ms, median / max) | stalled blocks after the first | step: DiT + decode (ms,"
+        " | prompt-to-pixel (ms, median / max) | prompt-to-screen (ms, median / max) | remakes (blocks late"
+        " after one) | stalled blocks after the first | step: DiT + decode (ms,"
         " median / max, steady steps) | max / median | recompiles after ready | warm-up (s) | refused |"
         " peak GPU memory (GiB, allocated / reserved) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     breakdown: list[str] = []
     size = (832, 480) if args.preset == "full" else (48, 32)
     for n in args.sessions:
-        host = StreamingRuntime(pipe, max_sessions=n, size=size, background_encoding=True)
+        host = StreamingRuntime(
+            pipe, max_sessions=n, size=size, background_encoding=True, send_lead_seconds=send_lead
+        )
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         engine = EngineThread(host)  # warms up on itself, then steps
@@ -182,7 +204,9 @@ def main() -> None:
                 continue
             rows.append(
                 f"| {n} | {stagger:g} | {r['first'][0]:.0f} / {r['first'][1]:.0f} | {r['first_later']:.0f} |"
-                f" {r['to_pixel'][0]:.0f} / {r['to_pixel'][1]:.0f} | {r['stalls']} of {r['blocks']} |"
+                f" {r['to_pixel'][0]:.0f} / {r['to_pixel'][1]:.0f} | {r['to_screen'][0]:.0f} /"
+                f" {r['to_screen'][1]:.0f} | {r['remakes']} ({r['late_remade']}) |"
+                f" {r['stalls']} of {r['blocks']} |"
                 f" {r['step'][0]:.0f} / {r['step'][1]:.0f} | {r['step'][2]:.2f} |"
                 f" {r['recompiles']} | {warm:.0f} | {r['refused']} | {peak_memory() if on_gpu else 'n/a'} |"
             )
@@ -204,7 +228,8 @@ def main() -> None:
     meta = [
         f"- device: {device}; torch {torch.__version__}; preset {args.preset}, decoder {args.decoder},"
         f" {'compiled' if args.compile else 'eager'}{', low_memory' if args.low_memory else ''}; real-time"
-        " pacing (16 fps), lead 1.5 s; text encoding on its own thread; decode on a second CUDA stream",
+        f" pacing (16 fps), lead 1.5 s, sent {args.send_lead} s ahead; text encoding on its own thread;"
+        " decode on a second CUDA stream",
         f"- command: `{command_line()}`",
         f"- each session {args.seconds:g} s of video; a new prompt (text-encoder cache miss) posted"
         f" {args.switch_after:g} s after the sessions opened; first block = open() to its frames on the host;"
