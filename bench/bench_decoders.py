@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_engine import LATENT_SIZE, timed  # noqa: E402
+from bench.harness import LATENT_SIZE, timed  # noqa: E402
 from bench.report import command_line, emit  # noqa: E402
 from longlive_core.models.tae_wan import TAEConfig, TinyVideoDecoder, init_random_tae  # noqa: E402
 from longlive_core.models.vae_wan import VAEConfig, WanVAEDecoder, init_random_weights  # noqa: E402

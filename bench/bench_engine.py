@@ -11,83 +11,51 @@ same at several concurrent sessions.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import (  # noqa: E402
+    FULL,
+    STEADY_FROM,
+    build_model,
+    fps,
+    gpu_kernel_seconds,
+    random_prompts,
+    run_engine,
+)
 from bench.report import command_line, emit  # noqa: E402
-from longlive_core import CausalWanTransformer, Engine, GenerationConfig  # noqa: E402
+from longlive_core import GenerationConfig  # noqa: E402
 from longlive_core.config import RuntimeConfig  # noqa: E402
-from longlive_core.random_models import random_transformer  # noqa: E402
-
-VIDEO_FRAMES_PER_BLOCK = 12  # 3 latent frames x 4 (the first block gives 9)
-LATENT_SIZE = (60, 104)  # 480 x 832 video
-
-
-def build_model(preset: str, dtype: torch.dtype) -> CausalWanTransformer:
-    """Full-size model with random weights, built directly on the GPU (speed does not depend on values)."""
-    return random_transformer(preset, "cuda").to(dtype).eval()
-
-
-def timed(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1000.0
-
-
-def gpu_kernel_seconds(fn) -> float:
-    """Summed GPU time of the kernels and copies `fn` runs (CUPTI). Over the step's wall time it is the
-    share of the step the GPU works: what CUDA graphs (which remove launch gaps only) could at most save
-    is the rest."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(event.self_device_time_total for event in prof.key_averages()) / 1e6
 
 
 def run_sessions(
     model, cfg, sessions: int, blocks: int, text_len: int, runtime: RuntimeConfig, first_frame: int = 0
 ) -> dict[str, float]:
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    engine = Engine(model, cfg, LATENT_SIZE, max_sessions=sessions, runtime=runtime)
-    prompts = [torch.randn(text_len, model.config.text_dim, device="cuda") for _ in range(2)]
-    prompt = prompts[0]
-    for i in range(sessions):
-        engine.add_session(f"s{i}", prompt, seed=i, first_frame=first_frame)
-    first = timed(engine.step)
-    steady = []
-    for _ in range(blocks):
-        steady.append(timed(engine.step))
-    steady = steady[4:]  # the window fills after 4 blocks; later blocks all have the same cost
-    block_s = statistics.median(steady)
-    busy_s = gpu_kernel_seconds(engine.step)
-    switches = []
-    for k in range(4):  # the first switch warms up the recache shapes; median of the other three
-        engine.set_prompt("s0", prompts[(k + 1) % 2])
-        switches.append(timed(engine.step) - block_s)
-    peak = torch.cuda.max_memory_allocated()
+    run = run_engine(
+        model,
+        runtime,
+        random_prompts(model, 2, text_len),
+        sessions=sessions,
+        blocks=blocks,
+        first_frame=first_frame,
+        config=cfg,
+    )
     return {
         "sessions": sessions,
-        "first_block_ms": first * 1e3,
-        "block_ms": block_s * 1e3,
-        "fps_per_session": VIDEO_FRAMES_PER_BLOCK / block_s,
-        "fps_total": sessions * VIDEO_FRAMES_PER_BLOCK / block_s,
-        "recache_ms": statistics.median(switches[1:]) * 1e3,
-        "gpu_busy": busy_s / block_s,
-        "peak_gib": peak / 2**30,
-        "cache_gib": engine.cache.nbytes / 2**30,
+        "first_block_ms": run.first_s * 1e3,
+        "block_ms": run.block_s * 1e3,
+        "fps_per_session": fps(run.block_s),
+        "fps_total": fps(run.block_s, sessions),
+        "recache_ms": run.recache_s * 1e3,
+        "gpu_busy": gpu_kernel_seconds(run.engine.step) / run.block_s,
+        "peak_gib": run.peak_gib,
+        "cache_gib": run.engine.cache.nbytes / 2**30,
     }
 
 
@@ -110,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     runtime = RuntimeConfig(attention=args.attention, compile=args.compile)
-    model = build_model(args.preset, torch.bfloat16)
+    model = build_model(torch.bfloat16, replace(FULL, preset=args.preset))
     weights_gib = torch.cuda.memory_allocated() / 2**30
     cfg = GenerationConfig(rope_mode=args.rope_mode)
     rows = []
@@ -137,12 +105,12 @@ def main() -> None:
         f"- card: {torch.cuda.get_device_name()}",
         f"- torch: {torch.__version__}, bf16, attention {args.attention},"
         f" {'compiled blocks' if args.compile else 'eager'}, no CUDA graphs",
-        f"- model: {args.preset}, random weights ({weights_gib:.2f} GiB), latent {LATENT_SIZE},"
+        f"- model: {args.preset}, random weights ({weights_gib:.2f} GiB), latent {FULL.latent},"
         f" rope {args.rope_mode}, sessions start at latent frame {args.first_frame}",
         f"- command: `{command_line()}`",
-        f"- block = median over blocks 5..{args.blocks} (window full: every later block costs the same);"
-        " recache = step with a switch minus a block (median of 3, after one warm-up switch);"
-        " peak = weights + KV cache + activations",
+        f"- bench/harness.py's definitions: block = median over blocks {STEADY_FROM + 1}..{args.blocks}"
+        " (window full: every later block costs the same); recache = step with a switch minus a block"
+        " (median of 3, after one warm-up switch); peak = weights + KV cache + activations",
     ]
     emit("Engine DiT-only speed", meta, lines, args.out)
 

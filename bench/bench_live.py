@@ -41,9 +41,8 @@ def build_pipe(preset: str, decoder: str, compile: bool, low_memory: bool = Fals
     if preset == "tiny":
         runtime = RuntimeConfig(low_memory=low_memory)
         return LongLivePipeline.from_pretrained("tiny-random", device="cpu", decoder=decoder, runtime=runtime)
-    from bench.bench_engine import build_model
-    from bench.bench_long_video import build_decoder
     from bench.bench_low_memory import build_umt5_xxl
+    from bench.harness import build_decoder, build_model
 
     runtime = RuntimeConfig(attention="cudnn", compile=compile, low_memory=low_memory)
     encoder = build_umt5_xxl()
@@ -51,7 +50,7 @@ def build_pipe(preset: str, decoder: str, compile: bool, low_memory: bool = Fals
     if low_memory:
         encoder.offload("cuda")
     return LongLivePipeline(
-        build_model("wan2.1-t2v-1.3b", torch.bfloat16),
+        build_model(torch.bfloat16),
         encoder,
         build_decoder(decoder, compile).eval(),
         None,

@@ -23,30 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_engine import LATENT_SIZE, build_model  # noqa: E402
+from bench.harness import LATENT_SIZE, STEADY_FROM, build_decoder, build_model, decode  # noqa: E402
 from bench.report import command_line, emit  # noqa: E402
 from longlive_core import Engine, GenerationConfig  # noqa: E402
 from longlive_core.config import RuntimeConfig  # noqa: E402
-from longlive_core.models.tae_wan import TAEConfig, TinyVideoDecoder, init_random_tae  # noqa: E402
-from longlive_core.models.vae_wan import VAEConfig, WanVAEDecoder, init_random_weights  # noqa: E402
 from longlive_core.schedule import blocks_for_seconds, switch_block  # noqa: E402
-
-FPS = 16
-
-
-def build_decoder(name: str, compile: bool) -> torch.nn.Module:
-    if name == "tae":
-        tae = init_random_tae(TinyVideoDecoder(TAEConfig.from_name("taew2_1")), seed=0)
-        return tae.to("cuda", torch.bfloat16)
-    vae = init_random_weights(WanVAEDecoder(VAEConfig.from_name("wan2.1")), seed=0).to("cuda", torch.bfloat16)
-    vae.to_channels_last()
-    return vae.compile_block() if compile else vae
-
-
-def decode(stream, block: torch.Tensor, split: bool) -> torch.Tensor:
-    if not split:
-        return stream.decode(block)
-    return torch.cat([stream.decode(block[:, :, i : i + 1]) for i in range(block.shape[2])], dim=2)
 
 
 @dataclass
@@ -110,7 +91,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    model = build_model("wan2.1-t2v-1.3b", torch.bfloat16)
+    model = build_model(torch.bfloat16)
     torch.backends.cudnn.benchmark = True
     decoder = build_decoder(args.decoder, args.compile).eval()
     runtime = RuntimeConfig(compile=args.compile)
@@ -141,7 +122,7 @@ def main() -> None:
         )
         peaks |= jump.peaks
     n = args.sessions
-    steady = statistics.median(phase.block_times[4:])
+    steady = statistics.median(phase.block_times[STEADY_FROM:])
     switched = statistics.median(phase.switch_times)
     frames_total = n * (1 + 4 * (3 * blocks - 1))
     rows = [

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_engine import build_model  # noqa: E402
+from bench.harness import build_model  # noqa: E402
 from bench.report import command_line, emit  # noqa: E402
 from longlive_core import LongLivePipeline, TextEncoder  # noqa: E402
 from longlive_core.config import RuntimeConfig  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
 
-    transformer = build_model("wan2.1-t2v-1.3b", torch.bfloat16)
+    transformer = build_model(torch.bfloat16)
     encoder = build_umt5_xxl()
     vae = init_random_weights(WanVAEDecoder(VAEConfig.from_name("wan2.1")), seed=0).to("cuda", torch.bfloat16)
     vae.eval().to_channels_last().compile_block()

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_engine import build_model  # noqa: E402
+from bench.harness import build_model  # noqa: E402
 from bench.report import command_line, emit  # noqa: E402
 from longlive_core import LongLivePipeline, TextEncoder  # noqa: E402
 from longlive_core.config import RuntimeConfig  # noqa: E402
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
-    transformer = build_model("wan2.1-t2v-1.3b", torch.bfloat16)
+    transformer = build_model(torch.bfloat16)
     text_encoder = TextEncoder.tiny_random(
         d_model=transformer.config.text_dim, device="cuda", dtype=torch.bfloat16
     )

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 RopeMode = Literal["absolute", "relative"]
 RecacheMode = Literal["unmasked", "block_causal", "off"]
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
-LinearMode = Literal["bf16", "fp8", "int8"]
+LinearMode = Literal["bf16", "fp8", "int8", "int8_weight_only"]  # longlive_core.quantization
+LINEAR_MODES: tuple[str, ...] = get_args(LinearMode)
 
 
 @dataclass(frozen=True)
@@ -128,14 +129,20 @@ class RuntimeConfig:
 
     attention: AttentionBackend = "auto"  # auto: cuDNN, then flash, efficient, math (the best first)
     compile: bool = False  # torch.compile each transformer block (fuses norms, modulation, RoPE)
-    linear: LinearMode = "bf16"  # block linears in fp8 (Hopper tensor cores) or int8; weights quantized once
+    # Block linears through torchao: fp8 (FP8 tensor cores: compute capability >= 8.9), int8 (dynamic W8A8)
+    # or int8_weight_only; weights quantized once. An fp8 the device cannot run fails at start-up.
+    linear: LinearMode = "bf16"
+    # The quantized math emulated in float32 on any device (tests): only when asked, never as a fallback.
+    linear_emulation: bool = False
     # For 24 GB cards: the text encoder waits in host memory between prompts and the VAE decodes one latent
     # frame per pass (a third of the activation memory; the frames are the same).
     low_memory: bool = False
 
     def __post_init__(self) -> None:
-        if self.linear not in ("bf16", "fp8", "int8"):
-            raise ValueError(f"linear must be 'bf16', 'fp8' or 'int8', got {self.linear!r}")
+        if self.linear not in LINEAR_MODES:
+            raise ValueError(f"linear must be one of {', '.join(LINEAR_MODES)}; got {self.linear!r}")
+        if self.linear_emulation and self.linear == "bf16":
+            raise ValueError("linear_emulation emulates a quantized linear: set linear to fp8 or int8 too")
         if self.attention not in ("auto", "cudnn", "flash", "efficient", "math"):
             raise ValueError(
                 f"attention must be one of auto, cudnn, flash, efficient, math; got {self.attention!r}"

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import RuntimeConfig
 from .models.transformer_causal_wan import CausalWanTransformer
-from .quantization import quantize_blocks
+from .quantization import check_linear_mode, quantize_blocks
 
 _BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -50,12 +50,14 @@ def prepare(model: CausalWanTransformer, runtime: RuntimeConfig) -> CausalWanTra
     """The model an engine runs, never changing `model`: `model` itself when the runtime applies nothing,
     else a copy of its module tree that shares every parameter and buffer, with the copy's block linears
     quantized and its blocks compiled. Compiled graphs are cached by code, not by module, so a second
-    engine's copy reuses the first's. A quantized copy holds its own fp8/int8 weights beside the caller's."""
+    engine's copy reuses the first's. A quantized copy holds its own fp8/int8 weights beside the caller's.
+    Raises ValueError for a linear mode the model's device cannot run (`check_linear_mode`)."""
+    check_linear_mode(runtime.linear, model.device, model.dtype, runtime.linear_emulation)
     if runtime.linear == "bf16" and not runtime.compile:
         return model
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     own = copy.deepcopy(model, memo=shared)
-    quantize_blocks(own, runtime.linear)
+    quantize_blocks(own, runtime.linear, runtime.linear_emulation)
     if runtime.compile:
         compile_blocks(own)
     return own

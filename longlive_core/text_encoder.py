@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .offload import HostOffload
+from .quantization import quantize_linears
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
@@ -289,6 +290,20 @@ class TextEncoder:
         self._cache.clear()
         encoder = self.model.encoder
         self._offload = HostOffload(self.model, device, parts=[encoder.embed_tokens, *encoder.block])
+        return self
+
+    def quantize(self, mode: str = "int8_weight_only", emulation: bool = False) -> TextEncoder:
+        """INT8 weights for every linear of the encoder, in place (`quantization.quantize_linears`):
+        umT5-XXL's 11.4 GB in bf16 become about 6.7 GB (its 2.1 GB token embedding, a lookup, stays bf16).
+        mode: int8_weight_only (bf16 activations) or int8 (dynamic W8A8). Drops the cache, whose
+        embeddings came from the unquantized weights. Call it before `offload`; do not cast the encoder
+        afterwards."""
+        if mode not in ("int8_weight_only", "int8"):
+            raise ValueError(f"text encoder mode must be 'int8_weight_only' or 'int8', got {mode!r}")
+        if self._offload is not None:
+            raise ValueError("quantize the text encoder before offload(): its weights now wait on the host")
+        quantize_linears(self.model.encoder, mode, emulation)
+        self._cache.clear()
         return self
 
     # -- loading -------------------------------------------------------------------------------------------
