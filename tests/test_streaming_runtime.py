@@ -370,3 +370,22 @@ def test_every_viewer_reads_every_block_at_its_own_cursor(pipe):
     assert rt.next_chunk("s", timeout=0) is None and rt.status("s")["dropped_blocks"] == 2
     unwatch()
     assert rt._sessions["s"].watchers == []
+
+
+def test_a_new_viewers_first_two_blocks_run_as_steps_of_their_own(pipe):
+    """While the live session has its lead buffered, the new one's first and second blocks each run alone
+    (its second is due 0.56 s after its first: a step of the whole batch would be late); then steps make
+    both sessions' blocks again."""
+    now = [0.0]
+    rt = runtime(pipe, max_sessions=2, playback_speed=1.0, clock=lambda: now[0])
+    rt.open("a", RED)
+    for _ in range(4):
+        rt.run_once(max_wait=0)  # a: its lead made (3 blocks)
+    rt.steps.clear()
+    rt.open("b", SEA)
+    for _ in range(2):
+        rt.run_once(max_wait=0)
+    assert [r.sessions for r in rt.steps] == [1, 1] and rt.steps[0].joined == 1
+    assert [v.blocks_made for v in rt.snapshot()] == [3, 2]
+    rt.run_once(max_wait=0)  # b's lead is not made yet: one step for both
+    assert [r.sessions for r in rt.steps] == [1, 1, 2]
