@@ -96,6 +96,7 @@ class Generator:
         self._posted: dict[tuple[str, int], float] = {}  # (session, prompt index) -> posted (wall time)
         self._rates = RateSampler()
         self._stalled_reported = 0
+        self._remade_reported = 0
         self._replica_fps = 0.0
         if self.jobs is not None:
             self.jobs.on_finished = self._job_finished
@@ -421,6 +422,10 @@ class Generator:
         if stalled > 0:
             m.stalled_blocks.inc(stalled)
             self._stalled_reported += stalled
+        remade = self.host.remade_blocks - self._remade_reported
+        if remade > 0:
+            m.remade_blocks.inc(remade)
+            self._remade_reported += remade
         m.recompiles.set(self.host.recompiles)
         if now - self._rates.last_session_sample >= SESSION_FPS_PERIOD_S:
             self._rates.last_session_sample = now

@@ -56,6 +56,9 @@ class Metrics:
         self.stalled_blocks = Counter(
             "longlive_stalled_blocks_total", "live blocks delivered after their first frame was due on screen"
         )
+        self.remade_blocks = Counter(
+            "longlive_remade_blocks_total", "live blocks thrown away unsent and made again under a new prompt"
+        )
         self.recompiles = Gauge(
             "longlive_recompiles_after_ready", "graphs torch.compile made after the warm-up (0 is healthy)"
         )

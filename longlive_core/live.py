@@ -297,6 +297,7 @@ class StreamingRuntime:
         realtime_margin: float | None = 1.0,
         overlap_decode: bool = True,
         send_lead_seconds: float | None = 0.5,
+        remake_seconds: float | None = None,
     ):
         """checkpoints: keep the clean latents `checkpoint()` needs for live (paced) sessions.
         config: default the pipeline's with relative RoPE, the one mode for open-ended sessions (as the
@@ -308,7 +309,9 @@ class StreamingRuntime:
         send_lead_seconds: a live session's blocks are decoded and handed to readers this much video ahead
         of their playback (the player's buffer; above the time a remake takes it only delays steering);
         made blocks wait unsent until then, and a new prompt remakes those it can. None: every block is
-        sent as soon as it is made, and a prompt applies after the blocks made already."""
+        sent as soon as it is made, and a prompt applies after the blocks made already.
+        remake_seconds: the time a remake (a step with a recache, then the block's decode) is planned with;
+        None: predicted from the measured steps."""
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if playback_speed < 0:
@@ -326,6 +329,7 @@ class StreamingRuntime:
         self.max_sessions = max_sessions
         self.lead_seconds = lead_seconds
         self.send_lead_seconds = send_lead_seconds
+        self.remake_seconds = remake_seconds
         self.buffer_blocks = buffer_blocks
         self.idle_timeout_s = idle_timeout_s
         self.playback_speed = playback_speed
@@ -340,6 +344,7 @@ class StreamingRuntime:
         self.steps: deque[StepRecord] = deque(maxlen=1000)  # newest last
         self.frames_made = 0  # video frames delivered for any session since start (metrics)
         self.stalled_blocks = 0  # paced blocks delivered late, any session (metrics)
+        self.remade_blocks = 0  # blocks thrown away unsent and made again under a new prompt (metrics)
         self._costs: dict[int, deque[float]] = {}  # batch size -> recent step costs (s)
         self._switch_costs: dict[int, deque[float]] = {}  # batch size -> costs of steps with a recache
         self._decode_times: deque[float] = deque(maxlen=COST_SAMPLES)  # per block sent (s)
@@ -1003,6 +1008,8 @@ class StreamingRuntime:
 
     def _remake_seconds(self, batch: int) -> float:
         """What a step with a switch, then the block's decode, is expected to take (measured)."""
+        if self.remake_seconds is not None:
+            return self.remake_seconds
         if samples := self._switch_costs.get(batch):
             step = statistics.median(samples)
         elif (steady := self._predicted_cost(batch)) is not None:
@@ -1029,6 +1036,7 @@ class StreamingRuntime:
         bf = self.config.block_frames
         made_frames, first = video_frames(session.blocks_made * bf), video_frames(block * bf)
         session.replacements.append(Replacement(block, first, made_frames - first, prompt, time.time()))
+        self.remade_blocks += session.blocks_made - block
         session.unsent = deque(m for m in session.unsent if m.block < block)
         for entry in session.prompts:
             if entry.block is not None and entry.block >= block:

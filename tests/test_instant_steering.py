@@ -20,12 +20,15 @@ def pipe() -> LongLivePipeline:
 
 
 class Driven:
-    """A live session on a runtime whose clock the test moves (lead 1.5 s, sent 0.5 s ahead)."""
+    """A live session on a runtime whose clock the test moves (lead 1.5 s, sent 0.5 s ahead; a remake is
+    planned to take 0.3 s, whatever this machine's load makes the measured steps)."""
 
-    def __init__(self, pipe: LongLivePipeline):
+    def __init__(self, pipe: LongLivePipeline, remake_seconds: float = 0.3):
         self.now = 0.0
         clock = lambda: self.now  # noqa: E731
-        self.host = StreamingRuntime(pipe, max_sessions=2, size=SIZE, checkpoints=True, clock=clock)
+        self.host = StreamingRuntime(
+            pipe, max_sessions=2, size=SIZE, checkpoints=True, clock=clock, remake_seconds=remake_seconds
+        )
         self.host.open("s", RED, seed=SEED)
         self.chunks = []
 
@@ -99,6 +102,7 @@ def test_two_remakes_one_while_the_window_fills_then_a_restore_continues_the_sam
     assert run.timeline() == [(RED, 0), (FOREST, 2), (SEA, 7)]
     replacements = run.host.status("s")["replacements"]
     assert [(r["block"], r["frames"]) for r in replacements] == [(2, 12), (7, 24)]
+    assert run.host.remade_blocks == 3
     assert run.host.stalled_blocks == 0
     checkpoint = run.host.checkpoint("s")
     assert checkpoint.blocks_done == checkpoint.read_blocks == len(run.chunks)
@@ -119,6 +123,16 @@ def test_two_remakes_one_while_the_window_fills_then_a_restore_continues_the_sam
     # Control: without the second remake (SEA applied after the blocks made), the video differs.
     late = uninterrupted(pipe, {2: FOREST, 8: SEA, resume: SEA}, resume + 1).checkpoint("s").latents
     assert latent_error(late[7], kept[7]) > 1e-2
+
+
+def test_a_remake_that_would_be_late_is_not_made(pipe):
+    """Block 2 (unsent) is due at 1.31 s: a remake planned to take 1.5 s from t = 0.1 would be late, so the
+    prompt applies after the blocks made, and nothing is thrown away."""
+    run = Driven(pipe, remake_seconds=1.5)
+    run.until(0.1)
+    run.host.post_prompt("s", FOREST)
+    run.until(1.0)
+    assert run.timeline() == [(RED, 0), (FOREST, 3)] and run.host.status("s")["replacements"] == []
 
 
 def test_a_prompt_too_late_for_any_unsent_block_applies_after_the_blocks_made(pipe):
