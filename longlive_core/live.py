@@ -697,6 +697,8 @@ class StreamingRuntime:
             due, only = self._plan_step()
         made = self._launch(only) if due else None
         if here:
+            if made is not None:
+                made.wait()  # the DiT's time, before this thread decodes
             self._send_due()
             if made is not None:
                 self._record(made)
@@ -1090,7 +1092,11 @@ class StreamingRuntime:
 
     def _seconds_until_send(self) -> float:
         now = self.clock()
-        times = [self._send_at(s, s.unsent[0].block) for s in self._sessions.values() if s.unsent]
+        times = [
+            self._send_at(s, s.unsent[0].block)
+            for s in self._sessions.values()
+            if s.unsent and not s.sending and not s.ended
+        ]
         return max(0.0, min(times, default=now + 3600.0) - now)
 
     def _due_unsent(self, session: LiveSession) -> int:
