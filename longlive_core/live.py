@@ -667,9 +667,10 @@ class StreamingRuntime:
 
     # -- the engine thread -------------------------------------------------------------------------
     def run_once(self, max_wait: float = 0.05) -> bool:
-        """One step: apply queued commands and prompt switches, launch a block for the sessions that are
-        due, and deliver the block launched before (decoded while this one runs). Waits up to `max_wait`
-        seconds for work; returns whether a block step was launched."""
+        """One step: apply queued commands and prompt switches (rewinding for a remake), launch a block for
+        the sessions that are due, and send the blocks whose send time has come (with a second stream, the
+        decode thread sends them while this step runs). Waits up to `max_wait` seconds for work; returns
+        whether a block step was launched."""
         if self._warmed_thread not in (None, threading.get_ident()) and self._decode_stream is not None:
             logger.warning(
                 "run_once on a thread the warm-up did not run on: its first steps create CUDA library"
