@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from deployments.store import ENDED_TTL_S, EVENTS, SESSION
+from longlive_client import Client, Retries, ServiceFull, TooManyRequests
 from tests.service_fixture import BUCKET, FOREST, RED, SIZE, auth
 from tests.serving import wait_ready
 
@@ -116,6 +117,12 @@ def test_a_clients_queued_jobs_past_its_quota_get_429_and_a_full_queue_503(quota
     theirs = submit(base, "32")
     assert theirs.status_code == 201, theirs.text  # the queue is full now: JOBS + 1 == QUEUE
     refused(submit(base, "33"), 503, "job_queue_full")
+    # The client's typed exceptions, after its retries (the POST carries an Idempotency-Key).
+    for who, kind, code in (("31", TooManyRequests, "client_jobs"), ("33", ServiceFull, "job_queue_full")):
+        with Client(base, headers=client(who), retries=Retries(attempts=2, max_wait_s=0)) as api:
+            with pytest.raises(kind) as refusal:
+                api.jobs.submit(JOB["schedule"], seconds=JOB["seconds"])
+        assert refusal.value.code == code and refusal.value.retry_after >= 1
     cancel(base, mine[0].json())  # a cancelled job leaves the queue's count
     late = submit(base, "33")
     assert late.status_code == 201, late.text
