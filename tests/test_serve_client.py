@@ -69,7 +69,11 @@ class CuttingProxy:
                 sink.sendall(data)
         except OSError:
             pass
-        for end in (source, sink):
+        for end in (source, sink):  # shutdown, not close alone: it wakes the other direction's recv
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:  # that direction shut it already
+                pass
             end.close()
 
     def close(self) -> None:
