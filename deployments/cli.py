@@ -1,5 +1,6 @@
-"""The installed `longlive` command: the core's `generate` and `download` (longlive_core/cli.py) and the
-service's `serve` and `status`, registered here so that the core never imports the service."""
+"""The installed `longlive` command: the core's `generate` and `download` (longlive_core/cli.py), the
+service's `serve` and `status`, and the client's `live` and `job` (longlive_client/cli.py), registered
+here so that the core never imports the service or the client."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from longlive_client.cli import add_client_commands
 from longlive_core.cli import COMMANDS, EXIT_INTERRUPTED, CliError, Command, build_parser, run
 
 
@@ -85,7 +87,7 @@ def status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser, sub = build_parser()
-    return run(parser, {**COMMANDS, **add_service_commands(sub)}, argv)
+    return run(parser, {**COMMANDS, **add_service_commands(sub), **add_client_commands(sub)}, argv)
 
 
 if __name__ == "__main__":

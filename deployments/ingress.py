@@ -20,8 +20,22 @@ from ray.serve.handle import DeploymentHandle
 from redis.exceptions import RedisError
 
 from jobs.queue import ClientQueueFull, KeyReused, QueueFull, valid_job_id
-from jobs.schemas import JobCancelled, JobCreated, JobStatus, SubmitJob
 from jobs.storage import LocalStore
+from longlive_client.schemas import (
+    IDEMPOTENCY_KEY,
+    CreateSession,
+    JobCancelled,
+    JobCreated,
+    JobStatus,
+    PostPrompt,
+    Problem,
+    PromptPosted,
+    Ready,
+    ReplicasView,
+    SessionCreated,
+    SessionStatus,
+    SubmitJob,
+)
 from longlive_core.schedule import frames_total
 
 from .config import FORWARDED_ALLOW_IPS, ServiceConfig
@@ -30,18 +44,9 @@ from .gone_replicas import GONE
 from .inbound import InboundLimits, Tally
 from .metrics import log, metrics
 from .problems import ApiError, not_found, problem
-from .schemas import (
-    CreateSession,
-    PostPrompt,
-    Problem,
-    PromptPosted,
-    Ready,
-    ReplicasView,
-    SessionCreated,
-    SessionStatus,
-)
 from .security import client_digest, install
 from .store import (
+    PromptKeyReused,
     SessionEnded,
     SessionStore,
     TooManySessions,
@@ -62,6 +67,15 @@ READY_TIMEOUT_S = 0.8  # /readyz answers within 1 s whatever the replicas do
 REPLICA_GONE = (RayActorError, ActorUnavailableError)  # its replica died or is being replaced
 logger = logging.getLogger("longlive.ingress")
 ERRORS = {code: {"model": Problem} for code in (401, 403, 404, 409, 410, 413, 422, 429, 503)}
+# A POST sent again with the same key (a client's retry after a lost reply) is applied once.
+IDEMPOTENCY_HEADER = Header(
+    None,
+    alias="Idempotency-Key",
+    min_length=1,
+    max_length=200,
+    pattern=IDEMPOTENCY_KEY,
+    description="letters, digits, . _ : -; the same key again answers the first post's result",
+)
 
 
 async def drain_inbound(ws: WebSocket, limits: InboundLimits) -> tuple[int, str] | None:
@@ -299,16 +313,25 @@ class Ingress:
         "/v1/sessions/{session_id}/prompts", status_code=202, response_model=PromptPosted, responses=ERRORS
     )
     async def post_prompt(
-        self, session_id: str, body: PostPrompt, authorization: str | None = Header(None)
+        self,
+        session_id: str,
+        body: PostPrompt,
+        authorization: str | None = Header(None),
+        idempotency_key: str | None = IDEMPOTENCY_HEADER,
     ) -> PromptPosted:
         self._check_limits([body.prompt])
         await self._authorize(session_id, bearer(authorization))
         try:
-            return PromptPosted(event_id=await self.store.post_prompt(session_id, body.prompt))
+            event_id = await self.store.post_prompt(session_id, body.prompt, idempotency_key)
         except UnknownSession:
             raise not_found("session") from None
         except SessionEnded:
             raise ApiError(409, "session_ended", "the session has ended: it takes no more prompts") from None
+        except PromptKeyReused:
+            raise ApiError(
+                422, "idempotency_key_reused", "this idempotency key was used with another prompt"
+            ) from None
+        return PromptPosted(event_id=event_id)
 
     @app.delete("/v1/sessions/{session_id}", status_code=204, responses=ERRORS)
     async def end(self, session_id: str, authorization: str | None = Header(None)) -> None:
@@ -383,7 +406,16 @@ class Ingress:
 
     # -- jobs --------------------------------------------------------------------------------------
     @app.post("/v1/jobs", status_code=201, response_model=JobCreated, responses=ERRORS)
-    async def submit_job(self, body: SubmitJob, request: Request) -> JobCreated:
+    async def submit_job(
+        self, body: SubmitJob, request: Request, idempotency_key: str | None = IDEMPOTENCY_HEADER
+    ) -> JobCreated:
+        """The Idempotency-Key header is the body's `idempotency_key` (the client's own); given both, they
+        must agree."""
+        if idempotency_key is not None:
+            if body.idempotency_key not in (None, idempotency_key):
+                why = "the Idempotency-Key header and the body's idempotency_key differ"
+                raise ApiError(422, "invalid_request", [{"loc": ["header", "Idempotency-Key"], "msg": why}])
+            body = body.model_copy(update={"idempotency_key": idempotency_key})
         self._check_limits([e.prompt for e in body.schedule], body.seconds, "job")
         if body.callback_url is not None and (why := self.config.callbacks.refusal(str(body.callback_url))):
             raise ApiError(422, "callback_not_allowed", [{"loc": ["body", "callback_url"], "msg": why}])

@@ -22,6 +22,8 @@ EVENTS = "session:{}:events"  # stream of {"type": "prompt", "prompt": ...}
 SESSIONS_OF = "client:{}:sessions"  # set: a client's open sessions (its quota; the name is also in _END)
 POSTED = "session:{}:post:{}"  # a prompt post's id -> its event id, while a retry may come (POST_TTL_S)
 POST_TTL_S = 300
+KEYED = "session:{}:key:{}"  # a client's Idempotency-Key for a prompt post -> as POSTED, for KEYED_TTL_S
+KEYED_TTL_S = 3600  # as long as an ended session stays answerable
 CHECKPOINT = "session:{}:checkpoint"  # hash: meta (JSON), block:{n} (latents); see checkpoints.py
 LOAD = "replica_load"  # hash: replica id -> free session slots (capacity - live sessions)
 LOAD_SEEN = "replica_load:seen"  # sorted set: replica id -> when it last published (its heartbeat)
@@ -33,18 +35,24 @@ SESSION_TTL_S = 24 * 3600
 ENDED_TTL_S = 3600  # an ended session's record and events stay answerable (status, 409) so long
 ID_FORMAT = re.compile(r"[A-Za-z0-9_-]{22}")  # what secrets.token_urlsafe(16) makes
 # A prompt event is written only for a session that exists and has not ended, in one step: a session
-# ended meanwhile gets no event. Its post's id (KEYS[3], a key for a few minutes) makes it safe to send
-# again: a second send (redis-py's retry after a lost reply) returns the first's event instead of a copy.
+# ended meanwhile gets no event. Its post's key (KEYS[3]: the post's own id, or the client's
+# Idempotency-Key; it holds the prompt's digest ARGV[6] and the event id for ARGV[4] s) makes it safe to
+# send again: a second send (redis-py's retry after a lost reply, or the client's retry) returns the
+# first's event instead of a copy, or 'reused' for another prompt under the same key.
 # The stream expires with the record at the latest (a session whose replicas all died is never ended).
 _POST = """
 local done = redis.call('GET', KEYS[3])
-if done then return {'posted', done} end
+if done then
+  local digest, id = string.match(done, '^(%x+) (.+)$')
+  if digest ~= ARGV[6] then return {'reused', id} end
+  return {'posted', id}
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
 if redis.call('HEXISTS', KEYS[1], 'ended') == 1 then return {'ended'} end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'type', 'prompt', 'prompt', ARGV[2],
   'posted_at', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('SET', KEYS[3], id, 'EX', ARGV[4])
+redis.call('SET', KEYS[3], ARGV[6] .. ' ' .. id, 'EX', ARGV[4])
 return {'posted', id}
 """
 # A new session, unless its client (KEYS[2], the set of its open sessions) has its quota (ARGV[1]) open
@@ -124,6 +132,10 @@ class UnknownSession(Exception):
     """No record of the session (never created, or expired)."""
 
 
+class PromptKeyReused(Exception):
+    """The Idempotency-Key named an earlier post of another prompt to the session."""
+
+
 class TooManySessions(Exception):
     """The client has as many sessions open as its quota allows."""
 
@@ -192,15 +204,22 @@ class SessionStore:
         loads = await self._loads(keys=[LOAD, LOAD_SEEN], args=[since])
         return {loads[i]: int(loads[i + 1]) for i in range(0, len(loads), 2)}
 
-    async def post_prompt(self, session_id: str, prompt: str) -> str:
-        """Append a prompt event; returns its id. Raises UnknownSession, SessionEnded (nothing written)."""
-        keys = [SESSION.format(session_id), EVENTS.format(session_id), POSTED.format(session_id, new_id())]
-        args = [EVENTS_MAXLEN, prompt, repr(time.time()), POST_TTL_S, SESSION_TTL_S]
+    async def post_prompt(self, session_id: str, prompt: str, key: str | None = None) -> str:
+        """Append a prompt event; returns its id. The client's idempotency `key` (checked against
+        IDEMPOTENCY_KEY) returns the event its first post made. Raises UnknownSession, SessionEnded,
+        PromptKeyReused (nothing written)."""
+        posted = KEYED.format(session_id, key) if key is not None else POSTED.format(session_id, new_id())
+        ttl = KEYED_TTL_S if key is not None else POST_TTL_S
+        keys = [SESSION.format(session_id), EVENTS.format(session_id), posted]
+        digest = hashlib.sha256(prompt.encode()).hexdigest()
+        args = [EVENTS_MAXLEN, prompt, repr(time.time()), ttl, SESSION_TTL_S, digest]
         result = await self._post(keys=keys, args=args)
         if result[0] == "unknown":
             raise UnknownSession(session_id)
         if result[0] == "ended":
             raise SessionEnded(session_id)
+        if result[0] == "reused":
+            raise PromptKeyReused(session_id)
         return result[1]
 
     async def delete(self, session_id: str) -> None:

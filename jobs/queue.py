@@ -34,8 +34,9 @@ from dataclasses import dataclass
 
 import redis
 
+from longlive_client.schemas import SubmitJob
+
 from .redis_client import sync_client
-from .schemas import SubmitJob
 
 STREAM, GROUP, DEAD = "jobs", "workers", "jobs:dead"
 JOB = "job:{}"

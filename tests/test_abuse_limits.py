@@ -33,7 +33,7 @@ from deployments.store import (
     new_id,
 )
 from jobs.queue import QUEUED, QUEUED_BY, ClientQueueFull, JobQueue, KeyReused, QueueFull, QueueLimits
-from jobs.schemas import SubmitJob
+from longlive_client.schemas import SubmitJob
 from tests.serving import free_port, running_redis
 
 

@@ -131,5 +131,5 @@ def test_the_installed_command_has_the_service_s_commands_and_the_core_only_its_
         )
         return set(re.search(r"\{([a-z,]+)\}", result.stdout).group(1).split(","))
 
-    assert commands("deployments.cli") == {"generate", "download", "serve", "status"}
+    assert commands("deployments.cli") == {"generate", "download", "serve", "status", "live", "job"}
     assert commands("longlive_core.cli") == {"generate", "download"}

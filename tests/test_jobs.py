@@ -23,9 +23,9 @@ from pydantic import ValidationError
 
 from jobs.callbacks import CallbackPolicy
 from jobs.queue import DEAD, GROUP, STREAM, JobQueue, KeyReused
-from jobs.schemas import SubmitJob
 from jobs.storage import S3Store
 from jobs.worker import JobWorker, video_key
+from longlive_client.schemas import SubmitJob
 from longlive_core.live import StreamingRuntime
 from longlive_core.pipeline import LongLivePipeline
 from longlive_core.schedule import frames_total

@@ -12,7 +12,7 @@ import pytest
 from deployments.store import EVENTS, POSTED, SESSION, SessionStore, new_id
 from jobs.queue import JOB, KEY, QUEUED, QUEUED_BY, RECORD_TTL_S, STREAM, JobQueue, body_digest
 from jobs.redis_client import async_client, sync_client
-from jobs.schemas import SubmitJob
+from longlive_client.schemas import SubmitJob
 from tests.serving import running_redis
 
 
@@ -28,7 +28,7 @@ def test_a_prompt_post_sent_twice_is_one_event(server):
         sid = new_id()
         await store.create(sid, "token", 0)
         keys = [SESSION.format(sid), EVENTS.format(sid), POSTED.format(sid, new_id())]
-        args = [1000, "a prompt", "1.0", 300, 3600]
+        args = [1000, "a prompt", "1.0", 300, 3600, "ab12"]
         first, again = await store._post(keys=keys, args=args), await store._post(keys=keys, args=args)
         other = await store.post_prompt(sid, "another")  # a new post is a new event
         return [first, again, other], await store.redis.xrange(EVENTS.format(sid))

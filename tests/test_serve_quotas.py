@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from deployments.store import ENDED_TTL_S, EVENTS, SESSION
+from longlive_client import Client, Retries, ServiceFull, TooManyRequests
 from tests.service_fixture import BUCKET, FOREST, RED, SIZE, auth
 from tests.serving import wait_ready
 
@@ -108,14 +109,24 @@ def test_a_session_that_ends_on_its_own_gives_its_slot_back(quotas):
     end(base, response.json())
 
 
+def refused_by_the_client(base: str, who: str, kind: type, code: str) -> None:
+    """The client's typed exception, after its retries (its POST carries an Idempotency-Key)."""
+    with Client(base, headers=client(who), retries=Retries(attempts=2, max_wait_s=0)) as api:
+        with pytest.raises(kind) as refusal:
+            api.jobs.submit(JOB["schedule"], seconds=JOB["seconds"])
+    assert refusal.value.code == code and refusal.value.retry_after >= 1
+
+
 def test_a_clients_queued_jobs_past_its_quota_get_429_and_a_full_queue_503(quotas):
     base = quotas["base"]
     mine = [submit(base, "31") for _ in range(JOBS)]
     assert [r.status_code for r in mine] == [201] * JOBS
     refused(submit(base, "31"), 429, "client_jobs")
+    refused_by_the_client(base, "31", TooManyRequests, "client_jobs")
     theirs = submit(base, "32")
     assert theirs.status_code == 201, theirs.text  # the queue is full now: JOBS + 1 == QUEUE
     refused(submit(base, "33"), 503, "job_queue_full")
+    refused_by_the_client(base, "33", ServiceFull, "job_queue_full")
     cancel(base, mine[0].json())  # a cancelled job leaves the queue's count
     late = submit(base, "33")
     assert late.status_code == 201, late.text

@@ -15,12 +15,11 @@ INGRESS_MODULES = (
     "deployments.ingress",
     "deployments.app",
     "deployments.errors",
-    "deployments.schemas",
     "deployments.store",
     "deployments.security",
     "deployments.metrics",
     "deployments.config",
-    "jobs.schemas",
+    "longlive_client.schemas",
 )
 
 NO_TORCH = f"""
