@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from longlive_client.schemas import SessionStatus
 from longlive_core.live import StreamingRuntime
 from longlive_core.pipeline import LongLivePipeline
 
@@ -75,6 +76,9 @@ def test_a_prompt_remakes_the_unsent_blocks_as_a_session_that_got_it_there(pipe)
     (replacement,) = run.host.status("s")["replacements"]
     assert (replacement["block"], replacement["first_frame"], replacement["frames"]) == (2, 21, 12)
     assert replacement["prompt"] == FOREST
+    # What the status route answers (the replica adds its id): the API's model, times in UTC.
+    api = SessionStatus.model_validate({**run.host.status("s"), "replica": "r"})
+    assert api.replacements[0].block == 2 and api.replacements[0].at.utcoffset() is not None
     assert [c.block for c in run.chunks] == list(range(len(run.chunks))) and len(run.chunks) >= 5
     assert [c.prompt for c in run.chunks[:4]] == [0, 0, 2, 2] and run.host.stalled_blocks == 0
 
