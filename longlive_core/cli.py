@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .hub import BUILTIN_MODELS, NAMED_MODELS, MissingWeightsError
 from .schedule import FPS, PromptChange, ScheduleError, load_schedule, validate_schedule
-from .weights import BUILTIN_MODELS, NAMED_MODELS, MissingWeightsError
 
 EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 DEFAULT_SECONDS = 5.0

@@ -7,15 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .weights import (
-    BASE_FILES,
-    LONGLIVE_FILES,
-    NAMED_MODELS,
-    TAE_FILES,
-    MissingWeightsError,
-    ModelFiles,
-    resolve_model_files,
-)
+from .hub import BASE_FILES, LONGLIVE_FILES, NAMED_MODELS, TAE_FILES, MissingWeightsError
+from .weights import ModelFiles, resolve_model_files
 
 logger = logging.getLogger(__name__)
 

@@ -65,3 +65,18 @@ def test_the_blocker_does_block_torch():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode != 0 and "torch is blocked" in result.stderr
+
+
+def test_the_installed_command_reads_its_arguments_and_runs_a_client_command_without_torch():
+    """`longlive live` / `longlive job` on a laptop: the command's module (deployments.cli) names the models
+    from longlive_core.hub, never longlive_core.weights, so torch is loaded only by the commands that run
+    a model (the blocked import fails the script otherwise)."""
+    code = NO_TORCH.split("for module in")[0] + (
+        "from deployments.cli import main\n"
+        "assert main(['job', 'status', 'no-such-job', '--token', 't', '--url', 'http://127.0.0.1:9']) == 1\n"
+        "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr
+    assert "no longlive service at" in done.stderr
