@@ -1091,13 +1091,15 @@ class StreamingRuntime:
                 waits.append(s.playback_start + ahead / self.playback_speed - self.clock())
         return max(0.0, min(waits, default=3600.0))
 
+    def _next_send_at(self, session: LiveSession) -> float | None:
+        """Under the lock: when its next block is to be sent (None: none waits, or one is being sent)."""
+        if not session.unsent or session.sending or session.ended:
+            return None
+        return self._send_at(session, session.unsent[0].block)
+
     def _seconds_until_send(self) -> float:
         now = self.clock()
-        times = [
-            self._send_at(s, s.unsent[0].block)
-            for s in self._sessions.values()
-            if s.unsent and not s.sending and not s.ended
-        ]
+        times = [t for s in self._sessions.values() if (t := self._next_send_at(s)) is not None]
         return max(0.0, min(times, default=now + 3600.0) - now)
 
     def _due_unsent(self, session: LiveSession) -> int:
@@ -1107,10 +1109,7 @@ class StreamingRuntime:
 
     def _sends_due(self) -> bool:
         now = self.clock()
-        return any(
-            s.unsent and not s.sending and not s.ended and self._send_at(s, s.unsent[0].block) <= now
-            for s in self._sessions.values()
-        )
+        return any((t := self._next_send_at(s)) is not None and t <= now for s in self._sessions.values())
 
     def _take_prompt_switches(self) -> list[_Switch]:
         """Under the lock: per session, the switch to make before its next block. A restored session's
@@ -1222,7 +1221,7 @@ class StreamingRuntime:
         """Under the lock: per session, its next block if its send time has come (marked as sending)."""
         now, due = self.clock(), []
         for s in self._sessions.values():
-            if s.unsent and not s.sending and not s.ended and self._send_at(s, s.unsent[0].block) <= now:
+            if (t := self._next_send_at(s)) is not None and t <= now:
                 s.sending = True
                 due.append((s, s.unsent.popleft()))
         return due
